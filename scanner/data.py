@@ -1,0 +1,358 @@
+"""Images in, model tensors out: folders, labeled folders, ``.npz`` files, preprocessing, batches.
+
+Pixels travel as ``uint8`` arrays of shape (N, H, W, C) at the model's size and color order; triggers are
+stamped on them (:mod:`scanner.triggers`), then :meth:`Preprocess.to_tensor` makes the model's input.
+"""
+
+import json
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from scanner.errors import ScannerError
+
+log = logging.getLogger("scanner")
+
+IMAGE_EXTENSIONS = frozenset(
+    ".png .jpg .jpeg .jpe .bmp .dib .tif .tiff .webp .pgm .ppm .pbm .pnm .pxm .sr .ras .jp2 .exr .hdr .pic".split()
+)
+COLORS = ("gray", "rgb", "bgr")
+LAYOUTS = ("NCHW", "NHWC")
+DTYPES = ("float32", "float16", "float64", "uint8", "int8")
+MAX_FILE_BYTES = 256 << 20
+
+
+@dataclass
+class Preprocess:
+    """How pixels become the model's input: resize, color, scale, normalize, layout, dtype."""
+
+    size: tuple
+    color: str = "rgb"
+    layout: str = "NCHW"
+    dtype: str = "float32"
+    scale: float = 1.0 / 255.0
+    mean: tuple = (0.0,)
+    std: tuple = (1.0,)
+    sources: list = field(default_factory=list, compare=False)
+
+    KEYS = ("size", "color", "layout", "dtype", "scale", "mean", "std")
+
+    @property
+    def channels(self):
+        """Number of image channels the model reads."""
+        return 1 if self.color == "gray" else 3
+
+    def to_dict(self):
+        """The JSON form (the ``scanner.preprocess`` metadata / ``--preprocess`` file schema)."""
+        d = asdict(self)
+        d.pop("sources")
+        d["size"], d["mean"], d["std"] = list(self.size), list(self.mean), list(self.std)
+        return d
+
+    def updated(self, values, source):
+        """Return a copy with ``values`` (a dict of the JSON keys) applied; validates every key."""
+        if not isinstance(values, dict):
+            raise ScannerError("preprocessing must be a JSON object", source)
+        unknown = set(values) - set(self.KEYS)
+        if unknown:
+            raise ScannerError(f"unknown preprocessing key(s) {sorted(unknown)}; known: {', '.join(self.KEYS)}", source)
+        d = {**self.to_dict(), **values}
+        try:
+            size = tuple(int(v) for v in d["size"])
+            mean = tuple(float(v) for v in np.atleast_1d(d["mean"]))
+            std = tuple(float(v) for v in np.atleast_1d(d["std"]))
+            scale = float(d["scale"])
+        except (TypeError, ValueError) as exc:
+            raise ScannerError(f"bad preprocessing value ({exc})", source) from exc
+        if len(size) != 2 or min(size) < 1 or max(size) > 16384:
+            raise ScannerError(f"preprocessing 'size' must be [H, W] with 1 <= H, W <= 16384, got {d['size']}", source)
+        if d["color"] not in COLORS:
+            raise ScannerError(f"preprocessing 'color' must be one of {', '.join(COLORS)}, got {d['color']!r}", source)
+        if d["layout"] not in LAYOUTS:
+            raise ScannerError(f"preprocessing 'layout' must be NCHW or NHWC, got {d['layout']!r}", source)
+        if d["dtype"] not in DTYPES:
+            raise ScannerError(f"preprocessing 'dtype' must be one of {', '.join(DTYPES)}, got {d['dtype']!r}", source)
+        channels = 1 if d["color"] == "gray" else 3
+        for name, v in (("mean", mean), ("std", std)):
+            if len(v) not in (1, channels):
+                raise ScannerError(f"preprocessing '{name}' needs 1 or {channels} values, got {len(v)}", source)
+        if any(s == 0 for s in std) or not np.all(np.isfinite(mean + std + (scale,))):
+            raise ScannerError("preprocessing 'std' must be non-zero and all values finite", source)
+        return Preprocess(size, d["color"], d["layout"], d["dtype"], scale, mean, std, self.sources + [str(source)])
+
+    def to_tensor(self, pixels):
+        """(N, H, W, C) pixels 0-255 -> the model's input tensor."""
+        x = np.asarray(pixels, dtype=np.float32)
+        if self.dtype in ("uint8", "int8"):
+            x = x * np.float32(self.scale)
+        else:
+            x = (x * np.float32(self.scale) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        if self.layout == "NCHW":
+            x = x.transpose(0, 3, 1, 2)
+        if self.dtype in ("uint8", "int8"):
+            info = np.iinfo(self.dtype)
+            x = np.clip(np.rint(x), info.min, info.max)
+        return np.ascontiguousarray(x.astype(self.dtype))
+
+
+def default_preprocess(shape, dtype):
+    """Guess preprocessing from a model input's shape (N, C, H, W) or (N, H, W, C) and numpy dtype."""
+    dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
+    if len(dims) != 4:
+        raise ScannerError(f"model input has rank {len(dims)}; an image input needs rank 4")
+    if dims[1] in (1, 3) and dims[3] not in (1, 3):
+        layout, c, h, w = "NCHW", dims[1], dims[2], dims[3]
+    elif dims[3] in (1, 3):
+        layout, c, h, w = "NHWC", dims[3], dims[1], dims[2]
+    else:
+        layout, c, h, w = "NCHW", dims[1], dims[2], dims[3]
+    dtype = np.dtype(dtype).name
+    integer = dtype in ("uint8", "int8")
+    return Preprocess(
+        size=(h or 224, w or 224),
+        color="gray" if c == 1 else "rgb",
+        layout=layout,
+        dtype=dtype if dtype in DTYPES else "float32",
+        scale=1.0 if integer else 1.0 / 255.0,
+        sources=["model input"],
+    )
+
+
+def resolve_preprocess(shape, dtype, metadata=None, override=None):
+    """Preprocessing from the model input, then its ``scanner.preprocess`` metadata, then a file."""
+    pre = default_preprocess(shape, dtype)
+    if metadata and "scanner.preprocess" in metadata:
+        try:
+            values = json.loads(metadata["scanner.preprocess"])
+        except ValueError as exc:
+            raise ScannerError(f"model metadata 'scanner.preprocess' is not valid JSON ({exc})") from exc
+        pre = pre.updated(values, "model metadata scanner.preprocess")
+    if override is not None:
+        path = Path(override)
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ScannerError("preprocessing file not found", path) from None
+        except (ValueError, UnicodeDecodeError, OSError) as exc:
+            raise ScannerError(f"cannot read preprocessing JSON ({exc})", path) from exc
+        pre = pre.updated(values, path)
+    return pre
+
+
+def decode_image(data, pre):
+    """Decode encoded image bytes to (H, W, C) uint8 at ``pre``'s size and color; None if undecodable."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        return None
+    return conform(img, pre, bgr=True)
+
+
+def conform(img, pre, bgr=False):
+    """An (H, W[, C]) image (BGR order if ``bgr`` else RGB) -> (H, W, C) uint8 at ``pre``'s size and color."""
+    if img.dtype == np.uint16:
+        img = (img // 257).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = np.clip(img.astype(np.float32), 0, 255).astype(np.uint8)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = img[:, :, :3]
+    if img.ndim == 3 and img.shape[2] == 2:
+        img = img[:, :, 0]
+    if img.ndim == 2:
+        if pre.color != "gray":
+            img = np.repeat(img[:, :, None], 3, axis=2)
+    elif pre.color == "gray":
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY if bgr else cv2.COLOR_RGB2GRAY)
+    elif (pre.color == "rgb") == bgr:
+        img = img[:, :, ::-1]
+    h, w = pre.size
+    if img.shape[:2] != (h, w):
+        shrink = img.shape[0] > h or img.shape[1] > w
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    return np.ascontiguousarray(img)
+
+
+@dataclass
+class Batch:
+    """A batch of images: pixels (N, H, W, C) uint8, their names, and labels when known."""
+
+    pixels: np.ndarray
+    names: list
+    labels: np.ndarray = None
+
+
+class ImageSet:
+    """Images from a folder (recursive), a labeled folder ``DIR/<class index>/...`` or an ``.npz``.
+
+    Files are listed up front (names only); pixels are read batch by batch, so memory does not grow with
+    the number of images. Unreadable files are counted in :attr:`skipped`, never silently dropped.
+    """
+
+    def __init__(self, path, labeled=None, limit=None, min_images=1):
+        self.path = Path(path)
+        self.min_images = int(min_images)
+        self.skipped = []  # (name, reason)
+        self._lock = threading.Lock()
+        self._npz = None
+        if not self.path.exists():
+            raise ScannerError("image folder or file not found", self.path)
+        if self.path.is_file():
+            if self.path.suffix.lower() != ".npz":
+                raise ScannerError("expected a folder of images or an .npz file", self.path)
+            self._open_npz()
+            self.kind = "npz"
+        else:
+            self._list_folder(labeled)
+        if limit is not None:
+            if int(limit) < 1:
+                raise ScannerError(f"--limit must be >= 1, got {limit}")
+            self.names = self.names[: int(limit)]
+            if self.labels is not None:
+                self.labels = self.labels[: int(limit)]
+        if not self.names:
+            raise ScannerError("no images found (looked for " + ", ".join(sorted(IMAGE_EXTENSIONS)[:6]) + ", ...)", self.path)
+        if labeled and self.labels is None:
+            raise ScannerError("labels needed: use a folder DIR/<class index>/... or an .npz with 'labels'", self.path)
+
+    def _open_npz(self):
+        try:
+            npz = np.load(self.path, allow_pickle=False)
+            images = npz["images"]
+            labels = npz["labels"] if "labels" in npz.files else None
+        except KeyError:
+            raise ScannerError("an .npz image set needs an array named 'images'", self.path) from None
+        except Exception as exc:  # zipfile / format errors
+            raise ScannerError(f"cannot read .npz ({type(exc).__name__}: {exc})", self.path) from exc
+        if images.ndim not in (3, 4) or images.dtype != np.uint8 or (images.ndim == 4 and images.shape[3] not in (1, 3, 4)):
+            raise ScannerError(f"'images' must be uint8 (N, H, W[, C]) with C in 1/3/4, got {images.dtype} {images.shape}", self.path)
+        if labels is not None and (labels.ndim != 1 or len(labels) != len(images) or labels.dtype.kind not in "iu"):
+            raise ScannerError(f"'labels' must be integers of shape ({len(images)},), got {labels.dtype} {labels.shape}", self.path)
+        self._npz = images
+        self.labels = labels.astype(np.int64) if labels is not None else None
+        self.names = [f"{self.path.name}[{i}]" for i in range(len(images))]
+        self._index = np.arange(len(images))
+
+    def _list_folder(self, labeled):
+        try:
+            top = sorted(os.scandir(self.path), key=lambda e: e.name)
+        except OSError as exc:
+            raise ScannerError(f"cannot list folder ({exc.strerror})", self.path) from exc
+        subdirs = [e for e in top if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+        top_files = [e for e in top if e.is_file() and not e.name.startswith(".")]
+        looks_labeled = bool(subdirs) and not top_files and all(e.name.isdigit() for e in subdirs)
+        if labeled and not looks_labeled:
+            raise ScannerError("labels needed: expected sub-folders named by class index (DIR/<class>/...)", self.path)
+        self.kind = "labeled" if looks_labeled and labeled is not False else "folder"
+        names, labels = [], []
+        for root, dirs, files in os.walk(self.path, onerror=self._walk_error):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            rel_root = Path(root).relative_to(self.path)
+            for f in sorted(files):
+                if f.startswith("."):
+                    continue
+                rel = (rel_root / f).as_posix()
+                if Path(f).suffix.lower() not in IMAGE_EXTENSIONS:
+                    self.skipped.append((rel, "not an image file extension"))
+                    continue
+                names.append(rel)
+                if self.kind == "labeled":
+                    labels.append(int(rel.split("/", 1)[0]))
+        self.names = names
+        self.labels = np.asarray(labels, np.int64) if self.kind == "labeled" else None
+
+    def _walk_error(self, exc):
+        self.skipped.append((str(getattr(exc, "filename", exc)), f"cannot list ({exc.strerror})"))
+
+    def __len__(self):
+        return len(self.names)
+
+    @property
+    def labeled(self):
+        """Whether every image has a class label."""
+        return self.labels is not None
+
+    def read(self, i, pre):
+        """Image ``i`` as (H, W, C) uint8 at ``pre``'s size and color, or None (recorded in skipped)."""
+        if self._npz is not None:
+            return conform(self._npz[self._index[i]], pre)
+        name = self.names[i]
+        path = self.path / name
+        try:
+            size = path.stat().st_size
+            if size == 0:
+                return self._skip(name, "empty file")
+            if size > MAX_FILE_BYTES:
+                return self._skip(name, f"file larger than {MAX_FILE_BYTES >> 20} MiB")
+            data = path.read_bytes()
+        except OSError as exc:
+            return self._skip(name, f"cannot read ({exc.strerror})")
+        try:
+            img = decode_image(data, pre)
+        except cv2.error as exc:
+            return self._skip(name, f"cannot decode ({str(exc).strip().splitlines()[-1][:80]})")
+        if img is None:
+            return self._skip(name, "not a decodable image (corrupt or truncated)")
+        return img
+
+    def _skip(self, name, reason):
+        with self._lock:
+            self.skipped.append((name, reason))
+        return None
+
+    def batches(self, pre, batch_size=64, workers=2):
+        """Yield :class:`Batch` objects of at most ``batch_size`` usable images, reading ahead one batch.
+
+        At the end, raises ScannerError when fewer than ``min_images`` images were usable.
+        """
+        if batch_size < 1:
+            raise ScannerError(f"--batch-size must be >= 1, got {batch_size}")
+        self.skipped = [s for s in self.skipped if s[1] == "not an image file extension" or s[1].startswith("cannot list")]
+        starts = range(0, len(self.names), batch_size)
+        usable = 0
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+
+            def load(start):
+                idx = range(start, min(start + batch_size, len(self.names)))
+                imgs = list(pool.map(lambda i: self.read(i, pre), idx))
+                keep = [k for k, im in zip(idx, imgs) if im is not None]
+                pixels = np.stack([im for im in imgs if im is not None]) if keep else None
+                labels = self.labels[keep] if self.labels is not None and keep else None
+                return Batch(pixels, [self.names[k] for k in keep], labels)
+
+            reader = ThreadPoolExecutor(max_workers=1)
+            try:
+                pending = reader.submit(load, starts[0]) if starts else None
+                for j in range(len(starts)):
+                    batch = pending.result()
+                    pending = reader.submit(load, starts[j + 1]) if j + 1 < len(starts) else None
+                    if batch.pixels is None:
+                        continue
+                    usable += len(batch.names)
+                    yield batch
+            finally:
+                reader.shutdown(wait=True, cancel_futures=True)
+        self.check_usable(usable)
+
+    def check_usable(self, usable):
+        """Report skipped files on the log; raise when fewer than ``min_images`` were usable."""
+        if self.skipped:
+            first = ", ".join(f"{n} ({r})" for n, r in self.skipped[:3])
+            log.warning("%s: skipped %d file(s): %s%s", self.path, len(self.skipped), first, " ..." if len(self.skipped) > 3 else "")
+        if usable < self.min_images:
+            raise ScannerError(f"only {usable} usable image(s), at least {self.min_images} needed ({len(self.skipped)} skipped)", self.path)
+
+    def load_all(self, pre, batch_size=256):
+        """All usable images at once (for small sets such as the defender's clean sample)."""
+        parts = list(self.batches(pre, batch_size))
+        pixels = np.concatenate([b.pixels for b in parts])
+        labels = np.concatenate([b.labels for b in parts]) if self.labels is not None else None
+        return Batch(pixels, [n for b in parts for n in b.names], labels)

@@ -1,0 +1,207 @@
+"""Load an ONNX model file as untrusted input: validate, hash, and describe it."""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from scanner.errors import ScannerError
+
+SUPPORTED_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
+MAX_PROTO_BYTES = 2**31 - 1
+MAX_INPUT_ELEMENTS = 1 << 28
+
+
+@dataclass
+class TensorInfo:
+    """A graph input or output: name, shape (ints, or strings for symbolic dims), numpy dtype."""
+
+    name: str
+    shape: list
+    dtype: str
+
+    def to_dict(self):
+        return {"name": self.name, "shape": self.shape, "dtype": self.dtype}
+
+
+@dataclass
+class ModelFile:
+    """A loaded, validated model."""
+
+    path: Path
+    proto: onnx.ModelProto
+    sha256: str
+    input: TensorInfo
+    outputs: list
+    opset: int
+    metadata: dict = field(default_factory=dict)
+    external_data: list = field(default_factory=list)
+
+    @property
+    def input_dtype(self):
+        return np.dtype(self.input.dtype)
+
+    def facts(self):
+        """Model facts for reports."""
+        return {
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "ir_version": self.proto.ir_version,
+            "opset": self.opset,
+            "producer": f"{self.proto.producer_name} {self.proto.producer_version}".strip(),
+            "input": self.input.to_dict(),
+            "outputs": [o.to_dict() for o in self.outputs],
+            "nodes": len(self.proto.graph.node),
+            "external_data": self.external_data,
+        }
+
+
+def sha256_file(path):
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tensor_info(value_info):
+    """TensorInfo of a ValueInfoProto."""
+    t = value_info.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+    except (KeyError, TypeError, ValueError):
+        dtype = onnx.TensorProto.DataType.Name(t.elem_type).lower()
+    return TensorInfo(value_info.name, shape, dtype)
+
+
+def _external_locations(proto, base):
+    """Check every external-data location stays inside the model's folder; return the relative paths."""
+    locations = []
+    base_real = os.path.realpath(base)
+    tensors = list(proto.graph.initializer)
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                tensors.append(attr.t)
+    for t in tensors:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        if not loc or os.path.isabs(loc) or Path(loc).drive or ".." in Path(loc).parts:
+            raise ScannerError(f"external data location {loc!r} of tensor {t.name!r} is outside the model's folder; refused")
+        real = os.path.realpath(os.path.join(base, loc))
+        if os.path.commonpath([real, base_real]) != base_real:
+            raise ScannerError(f"external data {loc!r} of tensor {t.name!r} resolves outside the model's folder (symlink); refused")
+        if not os.path.isfile(real):
+            raise ScannerError(f"external data file {loc!r} (tensor {t.name!r}) not found")
+        if loc not in locations:
+            locations.append(loc)
+    return locations
+
+
+def load_model(path):
+    """Read and validate an ONNX classifier; raise ScannerError naming the file and the problem."""
+    path = Path(path)
+    try:
+        try:
+            return _load(path)
+        except ScannerError as exc:
+            if exc.path is None:
+                raise ScannerError(str(exc), path) from exc
+            raise
+    except RecursionError:
+        raise ScannerError("model graph is nested too deeply to read", path) from None
+    except MemoryError:
+        raise ScannerError("model is too large to load in memory", path) from None
+
+
+def _load(path):
+    if not path.exists():
+        raise ScannerError("model file not found")
+    if not path.is_file():
+        raise ScannerError("model path is not a file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ScannerError("model file is empty")
+    if size > MAX_PROTO_BYTES:
+        raise ScannerError("model file is over 2 GB; save it with external data (onnx.save(..., save_as_external_data=True))")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise ScannerError(f"not a valid ONNX model ({type(exc).__name__}: {str(exc)[:120] or 'cannot parse'})") from None
+    if not proto.HasField("graph") or not proto.graph.node:
+        raise ScannerError("not an ONNX model (no graph or no nodes)")
+    if proto.ir_version < 3 or proto.ir_version > onnx.IR_VERSION:
+        raise ScannerError(f"unsupported IR version {proto.ir_version} (this onnx supports 3..{onnx.IR_VERSION})")
+    opset = 0
+    max_opset = onnx.defs.onnx_opset_version()
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            opset = imp.version
+        elif imp.domain not in SUPPORTED_DOMAINS:
+            raise ScannerError(f"uses custom operator domain {imp.domain!r}, which onnxruntime cannot run without its library")
+    if not 7 <= opset <= max_opset:
+        raise ScannerError(f"unsupported opset {opset} (supported: 7..{max_opset})")
+    used = {n.domain for n in proto.graph.node}
+    custom = sorted(d for d in used if d not in SUPPORTED_DOMAINS)
+    if custom:
+        raise ScannerError(f"uses custom operator domain {custom[0]!r}, which onnxruntime cannot run without its library")
+    external = _external_locations(proto, path.parent)
+    if external:
+        try:
+            onnx.load_external_data_for_model(proto, str(path.parent))
+        except Exception as exc:
+            raise ScannerError(f"cannot read external data ({exc})") from None
+    try:
+        if external or proto.ByteSize() > MAX_PROTO_BYTES:
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(proto)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ScannerError(f"invalid ONNX model: {first[:200]}") from None
+    inputs = _image_input(proto)
+    outputs = [tensor_info(o) for o in proto.graph.output]
+    _check_weights(proto)
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    return ModelFile(path, proto, sha256_file(path), inputs, outputs, opset, metadata, external)
+
+
+def _image_input(proto):
+    init = {i.name for i in proto.graph.initializer}
+    real = [tensor_info(i) for i in proto.graph.input if i.name not in init]
+    if len(real) != 1:
+        names = ", ".join(i.name for i in real) or "none"
+        raise ScannerError(f"expected one image input, found {len(real)} ({names})")
+    inp = real[0]
+    if len(inp.shape) != 4:
+        raise ScannerError(f"input {inp.name!r} has shape {inp.shape}; an image classifier needs (N, C, H, W) or (N, H, W, C)")
+    if inp.dtype not in ("float32", "float16", "float64", "uint8", "int8"):
+        raise ScannerError(f"input {inp.name!r} has dtype {inp.dtype}; expected a float or 8-bit image tensor")
+    known = [d for d in inp.shape[1:] if isinstance(d, int)]
+    if any(d <= 0 for d in known) or int(np.prod(known or [1])) > MAX_INPUT_ELEMENTS:
+        raise ScannerError(f"input {inp.name!r} shape {inp.shape} is absurd (non-positive or too many elements)")
+    return inp
+
+
+def _check_weights(proto):
+    for t in proto.graph.initializer:
+        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+            continue
+        arr = numpy_helper.to_array(t)
+        if arr.size and not np.all(np.isfinite(arr)):
+            raise ScannerError(f"weight {t.name!r} contains NaN or Inf")
+
+
+def read_metadata_json(model, key):
+    """A JSON value from ``metadata_props`` or None."""
+    value = model.metadata.get(key)
+    return json.loads(value) if value else None
