@@ -1,0 +1,333 @@
+"""The ``scanner`` command line: a thin layer over the Python API.
+
+Exit codes: 0 nothing found / passed, 1 backdoor found (or policy violated), 2 error (bad model, bad
+input, bad flags), 3 nothing could be analysed (no supported layer), 130 interrupted.
+"""
+
+import functools
+import logging
+import os
+import sys
+
+import click
+
+from scanner import __version__
+from scanner.errors import EXIT_ERROR, EXIT_OK, ScannerError
+
+log = logging.getLogger("scanner")
+_STATE = {"debug": bool(os.environ.get("SCANNER_DEBUG"))}
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  nothing found / passed
+  1  backdoor found (model written by sanitize) / policy violated
+  2  error: bad model, bad input, bad flags
+  3  nothing could be analysed (no supported layer)
+"""
+
+
+class _StderrFormatter(logging.Formatter):
+    def format(self, record):
+        prefix = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return f"scanner: {prefix}{record.getMessage()}"
+
+
+def _setup_logging(verbose, quiet):
+    from scanner.progress import Progress
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_StderrFormatter())
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    if quiet:
+        Progress.enabled_default = False
+
+
+def command(fn):
+    """Every command: needs onnxruntime, reports ScannerError as one line (handled in :func:`main`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from scanner.runtime import ort
+
+        ort()
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def emit(text, output=None, force=False, inputs=()):
+    """Write the product to ``output`` (atomically) or to stdout."""
+    if output:
+        from scanner.fileio import check_output, write_text
+
+        check_output(output, force=True if force is None else force, inputs=inputs)
+        write_text(output, text)
+        log.info("wrote %s", output)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+# Flag groups, so that one flag means the same thing in every command.
+def data_options(fn):
+    for deco in reversed(
+        [
+            click.option("--preprocess", "preprocess", type=click.Path(dir_okay=False), help="Preprocessing JSON (overrides the model's metadata)."),
+            click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="onnxruntime provider."),
+            click.option("--batch-size", type=click.IntRange(1, 65536), default=64, show_default=True),
+            click.option("--threads", type=click.IntRange(1, 1024), default=None, help="onnxruntime intra-op threads."),
+            click.option("--limit", type=click.IntRange(1), default=None, help="Use at most N images."),
+        ]
+    ):
+        fn = deco(fn)
+    return fn
+
+
+def output_options(formats=("table", "json")):
+    def wrap(fn):
+        fn = click.option("--force", is_flag=True, help="Overwrite an existing output file.")(fn)
+        fn = click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report to FILE instead of stdout.")(fn)
+        fn = click.option("--format", "fmt", type=click.Choice(formats), default=formats[0], show_default=True)(fn)
+        return fn
+
+    return wrap
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}, epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, "--version", prog_name="scanner")
+@click.option("-v", "--verbose", count=True, help="More log lines on stderr (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr; no progress bar.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def cli(verbose, quiet, debug):
+    """Find and remove backdoors in ONNX image classifiers (Cheng et al., arXiv:2002.12162).
+
+    \b
+    Examples:
+      scanner inspect models/cnn_badnets.onnx
+      scanner scan models/cnn_badnets.onnx --data models/data/clean --probe models/triggers/badnets_3x3.json
+    """
+    _STATE["debug"] = _STATE["debug"] or debug
+    _setup_logging(verbose, quiet)
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--preprocess", "preprocess", type=click.Path(dir_okay=False), help="Preprocessing JSON (overrides the model's metadata).")
+@output_options()
+@command
+def inspect_cmd(model, preprocess, fmt, output, force):
+    """Model facts and the layer table: every Conv / Gemm / MatMul layer and where its channels are read.
+
+    \b
+    Example:
+      scanner inspect models/cnn_badnets.onnx --format json
+    """
+    from scanner.inspect import inspect_model
+    from scanner.report import inspect_table, to_json
+
+    info = inspect_model(model, preprocess)
+    emit(to_json(info) if fmt == "json" else inspect_table(info), output, force, [model])
+    return EXIT_OK
+
+
+@cli.command("scan")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(), help="Clean images: a folder, DIR/<class>/..., or .npz.")
+@click.option("--probe", type=click.Path(), help="A trigger .json file, or a folder of images that carry a trigger.")
+@click.option("--layers", default="last", show_default=True, help="last | all | ID[,ID...] (see `scanner inspect`).")
+@click.option("--top", type=click.IntRange(1), default=10, show_default=True, help="Top channels to report.")
+@data_options
+@output_options()
+@command
+def scan_cmd(model, data, probe, layers, top, preprocess, device, batch_size, threads, limit, fmt, output, force):
+    """Measure per-channel l-inf / l1 / l2 activation norms on clean and probe images.
+
+    \b
+    Example:
+      scanner scan models/cnn_badnets.onnx --data models/data/clean \\
+          --probe models/triggers/badnets_3x3.json --format json -o scan.json
+    """
+    from scanner.report import scan_table, to_json
+    from scanner.scan import scan
+
+    if output:
+        from scanner.fileio import check_output
+
+        check_output(output, force, [model])
+    report = scan(model, data, probe, layers, device, batch_size, threads, limit, preprocess, top)
+    emit(to_json(report) if fmt == "json" else scan_table(report, top), output, True, [model])
+    return EXIT_OK
+
+
+def _repair_table(report):
+    """Before/after table of a prune or sanitize report."""
+    from scanner.report import table
+
+    b, a = report["before"], report["after"]
+    rows = [["channels pruned", 0, report["pruned_count"]]]
+    if "accuracy" in b:
+        rows.append(["clean accuracy", f"{b['accuracy']:.2%}", f"{a['accuracy']:.2%}"])
+    rows.append(["clean agreement", f"{b['agreement']:.2%}", f"{a['agreement']:.2%}"])
+    for i, p in enumerate(report["probes"]):
+        rows.append([f"probe success -> {p['target']}", f"{b['probe_success'][i]:.2%}", f"{a['probe_success'][i]:.2%}"])
+    if report.get("refit"):
+        rows.append(["head refit", "-", report["rule"].get("method")])
+    lines = [table(["", "before", "after"], rows)]
+    for entry in report["pruned"]:
+        lines.append(f"pruned {entry['layer']}: {len(entry['channels'])} channel(s) {entry['channels'][:16]}{' ...' if len(entry['channels']) > 16 else ''}")
+    return "\n".join(lines) + "\n"
+
+
+def prune_options(fn):
+    fn = click.option("--layers", default="last", show_default=True, help="last | all | ID[,ID...] (see `scanner inspect`).")(fn)
+    fn = click.option("--target", type=click.IntRange(0), default=None, help="Target class of the probe (default: the class it pushes images to).")(fn)
+    return fn
+
+
+@cli.command("prune")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(), help="Clean images (labeled DIR/<class>/... gives accuracy).")
+@click.option("--probe", required=True, type=click.Path(), help="A trigger .json file, or a folder of triggered images.")
+@click.option("-o", "--output", "model_out", required=True, type=click.Path(dir_okay=False), help="The pruned ONNX file.")
+@click.option("--count", type=click.IntRange(0), default=None, help="Prune the top K channels.")
+@click.option("--ratio", type=click.FloatRange(0, 1), default=None, help="Prune this fraction of the measured channels.")
+@click.option("--max-accuracy-drop", "max_drop", type=click.FloatRange(0, 1), default=None,
+              help="Largest prune set whose clean accuracy (or agreement) drop stays within D [default 0.02].")
+@prune_options
+@data_options
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--report", "report_out", type=click.Path(dir_okay=False), help="Also write the JSON report to FILE.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@command
+def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, target, preprocess, device, batch_size,
+              threads, limit, fmt, report_out, force):
+    """The paper's defense: rank channels by l-inf rise on probe images, zero the top ones, write a verified model.
+
+    \b
+    Example:
+      scanner prune models/cnn_badnets.onnx --data models/data/test \\
+          --probe models/triggers/badnets_3x3.json --max-accuracy-drop 0.02 -o pruned.onnx
+    """
+    from scanner.fileio import check_output
+    from scanner.repair import prune_model
+    from scanner.report import to_json
+
+    if report_out:
+        check_output(report_out, force, [model])
+    report, _ = prune_model(model, data, probe, model_out, layers, count, ratio, max_drop, force, device, threads,
+                            batch_size, limit, preprocess, target)
+    sys.stderr.write(_repair_table(report))
+    if report_out:
+        emit(to_json(report), report_out, True, [model])
+    if fmt == "json":
+        emit(to_json(report))
+    return EXIT_OK
+
+
+@cli.command("sanitize")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(), help="Clean images (labels optional).")
+@click.option("--probe", "probes", multiple=True, type=click.Path(), help="A trigger .json or a folder of triggered images (repeatable).")
+@click.option("-o", "--output", "model_out", required=True, type=click.Path(dir_okay=False), help="The sanitized ONNX file.")
+@click.option("--method", type=click.Choice(["prune", "refit", "both"]), default="refit", show_default=True,
+              help="prune: l-inf pruning; refit: closed-form head refit on clean + probe pairs; both.")
+@click.option("--max-accuracy-drop", "max_drop", type=click.FloatRange(0, 1), default=0.02, show_default=True)
+@click.option("--always", is_flag=True, help="Write a model even when nothing is found.")
+@prune_options
+@data_options
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--report", "report_out", type=click.Path(dir_okay=False), help="Also write the JSON report to FILE.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@command
+def sanitize_cmd(model, data, probes, model_out, method, max_drop, always, layers, target, preprocess, device,
+                 batch_size, threads, limit, fmt, report_out, force):
+    """Remove a backdoor and write a verified, sanitized model (exit 1 when one was found and removed).
+
+    \b
+    Example:
+      scanner sanitize models/cnn_blend.onnx --data models/data/clean \\
+          --probe models/triggers/blend_random.json -o sanitized.onnx
+    """
+    from scanner.errors import EXIT_FINDINGS
+    from scanner.fileio import check_output
+    from scanner.repair import sanitize_with_probes
+    from scanner.report import to_json
+
+    if report_out:
+        check_output(report_out, force, [model])
+    if not probes:
+        raise ScannerError("--probe is needed (trigger synthesis without a probe is not available yet)")
+    report, proto, found = sanitize_with_probes(model, data, list(probes), model_out, method, layers, max_drop, force,
+                                                always, device, threads, batch_size, limit, preprocess,
+                                                None if target is None else [target] * len(probes))
+    sys.stderr.write(_repair_table(report))
+    if report_out:
+        emit(to_json(report), report_out, True, [model])
+    if fmt == "json":
+        emit(to_json(report))
+    return EXIT_FINDINGS if found else EXIT_OK
+
+
+@cli.command("evaluate")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(), help="Labeled images: DIR/<class index>/... or .npz with labels.")
+@click.option("--trigger", type=click.Path(dir_okay=False), help="Trigger .json to measure attack success.")
+@click.option("--target", type=click.IntRange(0), default=None, help="The attack's target class (with --trigger).")
+@click.option("--compare", type=click.Path(dir_okay=False), help="A second model (e.g. the sanitized one), side by side.")
+@data_options
+@output_options()
+@command
+def evaluate_cmd(model, data, trigger, target, compare, preprocess, device, batch_size, threads, limit, fmt, output, force):
+    """Clean accuracy and attack success rate (on images whose true class is not the target).
+
+    \b
+    Example:
+      scanner evaluate models/cnn_badnets.onnx --data models/data/test \\
+          --trigger models/triggers/badnets_3x3.json --target 0 --compare pruned.onnx
+    """
+    from scanner.evaluate import evaluate
+    from scanner.report import evaluate_table, to_json
+
+    if output:
+        from scanner.fileio import check_output
+
+        check_output(output, force, [model])
+    report = evaluate(model, data, trigger, target, compare, device, batch_size, threads, limit, preprocess)
+    emit(to_json(report) if fmt == "json" else evaluate_table(report), output, True, [model])
+    return EXIT_OK
+
+
+def main(argv=None):
+    """Console entry point: maps errors to one stderr line and an exit code."""
+    try:
+        rv = cli.main(args=argv, prog_name="scanner", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.UsageError as exc:
+        exc.show()
+        sys.exit(EXIT_ERROR)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.stderr.write("\nscanner: interrupted\n")
+        sys.exit(130)
+    except ScannerError as exc:
+        if _STATE["debug"]:
+            raise
+        sys.stderr.write(f"scanner: error: {exc}\n")
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_ERROR)
+    except BrokenPipeError:
+        sys.exit(EXIT_ERROR)
+    except Exception as exc:  # a bug: still one line unless --debug
+        if _STATE["debug"]:
+            raise
+        sys.stderr.write(f"scanner: internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)\n")
+        sys.exit(EXIT_ERROR)
+    sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+CLEAN = MODELS / "data" / "clean"
+TEST = MODELS / "data" / "test"
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def zoo_manifest():
+    path = MODELS / "manifest.json"
+    if not path.exists():
+        pytest.skip("models/manifest.json missing: run python -m models.recipes.build")
+    return json.loads(path.read_text())
+
+
+def zoo_entry(name):
+    for m in zoo_manifest()["models"]:
+        if m["name"] == name:
+            return m
+    pytest.skip(f"zoo model {name} not in the manifest")
+
+
+def zoo_path(name):
+    return MODELS / zoo_entry(name)["file"]
+
+
+@pytest.fixture
+def run_cli(capfd):
+    """Run the console entry point in-process; returns (exit code, stdout, stderr)."""
+    from scanner.cli import main
+
+    def run(*args):
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return exc.value.code, out, err
+
+    return run
