@@ -76,7 +76,7 @@ def data_options(fn):
         [
             click.option("--preprocess", "preprocess", type=click.Path(dir_okay=False), help="Preprocessing JSON (overrides the model's metadata)."),
             click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="onnxruntime provider."),
-            click.option("--batch-size", type=click.IntRange(1, 65536), default=64, show_default=True),
+            click.option("--batch-size", type=click.IntRange(1, 65536), default=128, show_default=True),
             click.option("--threads", type=click.IntRange(1, 1024), default=None, help="onnxruntime intra-op threads."),
             click.option("--limit", type=click.IntRange(1), default=None, help="Use at most N images."),
         ]

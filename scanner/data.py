@@ -356,3 +356,38 @@ class ImageSet:
         pixels = np.concatenate([b.pixels for b in parts])
         labels = np.concatenate([b.labels for b in parts]) if self.labels is not None else None
         return Batch(pixels, [n for b in parts for n in b.names], labels)
+
+
+class MemoryImageSet:
+    """An ImageSet already decoded into memory (for sets read many times, like a prune sweep)."""
+
+    def __init__(self, source, batch):
+        self.path, self.kind, self.skipped = source.path, source.kind, list(source.skipped)
+        self.min_images = source.min_images
+        self.pixels, self.names, self.labels = batch.pixels, batch.names, batch.labels
+
+    def __len__(self):
+        return len(self.names)
+
+    @property
+    def labeled(self):
+        return self.labels is not None
+
+    def batches(self, pre, batch_size=64, workers=None):
+        """Yield batches from memory (``pre`` must be the preprocessing the set was decoded with)."""
+        for s in range(0, len(self.names), batch_size):
+            labels = self.labels[s : s + batch_size] if self.labels is not None else None
+            yield Batch(self.pixels[s : s + batch_size], self.names[s : s + batch_size], labels)
+
+    def load_all(self, pre, batch_size=None):
+        return Batch(self.pixels, self.names, self.labels)
+
+
+def cached(images, pre, max_bytes=512 << 20):
+    """Decode ``images`` once into memory when its pixels fit in ``max_bytes``; else return it as is."""
+    if isinstance(images, MemoryImageSet):
+        return images
+    h, w = pre.size
+    if len(images) * h * w * pre.channels > max_bytes:
+        return images
+    return MemoryImageSet(images, images.load_all(pre))

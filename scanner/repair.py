@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from scanner import __version__
-from scanner.data import ImageSet
+from scanner.data import ImageSet, cached
 from scanner.errors import ScannerError
 from scanner.fileio import atomic_path, check_output
 from scanner.instrument import instrument
@@ -82,6 +82,10 @@ class Repair:
         self.inst = Instrument(self.model, layers, device, threads, preprocess, masks=True, features=features)
         self.pre = self.inst.preprocess
         started = time.perf_counter()
+        self.clean_set = cached(self.clean_set, self.pre)
+        for p in self.probes:
+            if p.images is not None:
+                p.images = cached(p.images, self.pre)
         self.clean = self.inst.measure(self.clean_set, batch_size=batch_size, label="clean", keep=self._keep())
         self.labels = self.clean.labels
         self.probed = [self._measure_probe(p) for p in self.probes]
@@ -171,7 +175,7 @@ class Repair:
         """Levels for a grid of prune counts up to ``max_count`` ranked channels."""
         ranked = len(self.ranking())
         limit = min(ranked, max_count if max_count is not None else int(MAX_PRUNE_FRACTION * self.inst.channels))
-        grid = sorted({c for c in list(range(0, min(limit, 16) + 1)) + [int(round(x)) for x in np.geomspace(1, max(limit, 1), 24)] if c <= limit})
+        grid = sorted({c for c in list(range(0, min(limit, 8) + 1)) + [int(round(x)) for x in np.geomspace(1, max(limit, 1), 16)] if c <= limit})
         levels = []
         for c in grid:
             levels.append(self.base if c == 0 else self.evaluate_plan(self.plan(c)))
@@ -195,10 +199,12 @@ class Repair:
         return (max(lv.count for lv in ok) if ok else 0), levels
 
     # ---- head refit -----------------------------------------------------------------------------
-    def refit(self, plan, ridge=RIDGE):
+    def refit(self, plan, ridge=RIDGE, folds=5):
         """Closed-form ridge refit of the head on clean and paired probe features (targets: original logits).
 
-        Returns (weight, bias) in the (out, in) convention of :func:`surgery.linear_weights`.
+        Returns (weight, bias, level): the weights fitted on every image, in the (out, in) convention of
+        :func:`surgery.linear_weights`, and the level measured by ``folds``-fold cross-validation (each
+        image predicted by a head fitted without it), so the reported numbers are not in-sample.
         """
         if self.head is None:
             raise ScannerError("the model has no final Gemm/MatMul head to refit; use --method prune")
@@ -209,29 +215,40 @@ class Repair:
             _, clean, probed = self.evaluate_plan(plan, keep=True)
         else:
             clean, probed = self.clean, self.probed
-        y = self.clean.kept[self.head.read].astype(np.float64)
         feats = [clean.kept[self.head_input]] + [probed[i].kept[self.head_input] for i in pairs]
-        a = np.concatenate(feats).astype(np.float64)
-        y = np.concatenate([y] * len(feats))
+        target = self.clean.kept[self.head.read].astype(np.float64)
         w0, b0 = surgery.linear_weights(self.model.proto, self.head)
-        a1 = np.hstack([a, np.ones((len(a), 1))])
         theta0 = np.vstack([w0.T, b0[None, :]]).astype(np.float64)
-        gram = a1.T @ a1 / len(a1)
-        lam = ridge * float(np.mean(np.diag(gram)[:-1]) or 1.0)
-        reg = np.eye(len(gram)) * lam
-        reg[-1, -1] = 0.0
-        theta = np.linalg.solve(gram + reg, a1.T @ y / len(a1) + reg @ theta0)
-        return theta[:-1].T.astype(w0.dtype), theta[-1].astype(w0.dtype)
+        n = len(target)
+        fold = np.arange(n) % max(2, folds)
+        cv = [np.zeros(n, np.int64) for _ in feats]
+        for f in range(max(2, folds)):
+            fit = fold != f
+            theta = _ridge([a[fit] for a in feats], target[fit], theta0, ridge)
+            for j, a in enumerate(feats):
+                cv[j][~fit] = _predict(a[~fit], theta).argmax(1)
+        probe_preds = [probed[i].preds.copy() for i in range(len(self.probes))]
+        for j, i in enumerate(pairs):
+            probe_preds[i] = cv[j + 1]
+        level = self._level(sum(len(v) for v in plan.values()), cv[0], probe_preds)
+        theta = _ridge(feats, target, theta0, ridge)
+        return theta[:-1].T.astype(w0.dtype), theta[-1].astype(w0.dtype), level
 
 
-def head_output_level(rep, weight, bias, plan):
-    """Level of the refitted head, computed from the exposed features (no session needed)."""
-    _, clean, probed = rep.evaluate_plan(plan, keep=True) if plan else (None, rep.clean, rep.probed)
+def _ridge(feats, target, theta0, ridge):
+    """Solve min (1/n)||[F 1] theta - Y||^2 + lam ||W - W0||^2 over the stacked ``feats`` (all with ``target``)."""
+    a = np.concatenate(feats).astype(np.float64)
+    y = np.concatenate([target] * len(feats))
+    a1 = np.hstack([a, np.ones((len(a), 1))])
+    gram = a1.T @ a1 / len(a1)
+    lam = ridge * float(np.mean(np.diag(gram)[:-1]) or 1.0)
+    reg = np.eye(len(gram)) * lam
+    reg[-1, -1] = 0.0
+    return np.linalg.solve(gram + reg, a1.T @ y / len(a1) + reg @ theta0)
 
-    def preds(m):
-        return (m.kept[rep.head_input] @ weight.T + bias).argmax(1)
 
-    return rep._level(sum(len(v) for v in plan.values()), preds(clean), [preds(m) for m in probed])
+def _predict(features, theta):
+    return features.astype(np.float64) @ theta[:-1] + theta[-1]
 
 
 # ---- verification and writing -------------------------------------------------------------------
@@ -343,8 +360,7 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
         k, levels = rep.choose_count(max_drop=max_drop)
         plan = rep.plan(k)
     if method in ("refit", "both"):
-        weight, bias = rep.refit(plan, ridge)
-        after = head_output_level(rep, weight, bias, plan)
+        weight, bias, after = rep.refit(plan, ridge)
     else:
         after = rep.evaluate_plan(plan) if plan else rep.base
     rule = {"method": method, "layers": layers, "max_accuracy_drop": max_drop, "ridge": ridge if weight is not None else None}
