@@ -76,8 +76,7 @@ class Repair:
         self.head = heads[-1] if heads else None
         features = ()
         if self.head is not None:
-            node = next(n for n in self.model.proto.graph.node if self.head.output in n.output)
-            self.head_input = node.input[0]
+            self.head_input = self.head.input
             features = (self.head_input, self.head.read)
         self.inst = Instrument(self.model, layers, device, threads, preprocess, masks=True, features=features)
         self.pre = self.inst.preprocess

@@ -1,0 +1,177 @@
+"""Scan speed and memory (issue 3), side by side in one run.
+
+images/s of (a) plain onnxruntime inference, (b) scanner's instrumented model (l-inf, l1, l2 of every layer,
+`--layers all`), (c) PyTorch forward hooks reducing the same norms on device and copying only (N, C) (where
+torch is installed), for a zoo model and torchvision resnet18 / resnet50 (random weights, 224x224); plus the
+peak memory of `scanner scan --layers all` on 1,000 vs 10,000 images.
+
+    python benchmarks/bench_scan.py [--device cpu|cuda] [--models zoo,resnet18,resnet50] [--seconds 5]
+
+torchvision models need `pip install torch==2.14.1 torchvision==0.29.1` (dev only).
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scanner.instrument import NORMS  # noqa: E402
+from scanner.runtime import Session  # noqa: E402
+from scanner.scan import Instrument  # noqa: E402
+
+
+def rate(fn, x, batch, seconds):
+    """images/s of fn over batches of x, after one warm-up batch."""
+    fn(x[:batch])
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for s in range(0, len(x), batch):
+            fn(x[s : s + batch])
+            n += len(x[s : s + batch])
+    return n / (time.perf_counter() - start)
+
+
+def torch_hooks(net, device):
+    """Forward hooks on every Conv2d / Linear computing the three norms on device, copying (N, C)."""
+    import torch
+
+    sink = []
+
+    def hook(_m, _i, out):
+        a = out.detach()
+        if a.dim() == 4:
+            sink.append(torch.stack([a.abs().amax((2, 3)), a.abs().sum((2, 3)), a.pow(2).sum((2, 3)).sqrt()]).cpu())
+        else:
+            sink.append(a.abs().cpu())
+
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.register_forward_hook(hook)
+
+    def run(x):
+        with torch.no_grad():
+            net(torch.from_numpy(x).to(device))
+        sink.clear()
+
+    return run
+
+
+def torch_plain(net, device):
+    import torch
+
+    def run(x):
+        with torch.no_grad():
+            net(torch.from_numpy(x).to(device)).cpu()
+
+    return run
+
+
+def build(name, tmp):
+    """(onnx path, torch module or None, input shape)."""
+    if name == "zoo":
+        path = ROOT / "models" / "cnn_badnets.onnx"
+        net = None
+        try:
+            import torch
+
+            sys.path.insert(0, str(ROOT))
+            from models.recipes.nets import PlainCNN
+
+            net = PlainCNN().eval()
+            torch.manual_seed(0)
+        except ImportError:
+            pass
+        return path, net, (1, 28, 28)
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, name)(weights=None).eval()
+    path = Path(tmp) / f"{name}.onnx"
+    torch.onnx.export(net, torch.randn(1, 3, 224, 224), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return path, net, (3, 224, 224)
+
+
+def peak_rss(args):
+    """Peak RSS (MiB) of a child process."""
+    code = ("import resource, sys, runpy; sys.argv = ['scanner'] + %r; "
+            "from scanner.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)") % (args,)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    return int(out.stderr.strip().splitlines()[-1]) / 1024
+
+
+def memory(tmp):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cv2
+    from fashion import load_test
+
+    images, _ = load_test()
+    folder = Path(tmp) / "fashion10k"
+    folder.mkdir()
+    for i, img in enumerate(images):
+        cv2.imwrite(str(folder / f"{i:05d}.png"), img)
+    base = ["scan", str(ROOT / "models" / "cnn_badnets.onnx"), "--data", str(folder), "--layers", "all", "--format", "json", "-q",
+            "--probe", str(ROOT / "models" / "triggers" / "badnets_3x3.json"), "-o", str(Path(tmp) / "r.json"), "--force"]
+    return {"1000": round(peak_rss(base + ["--limit", "1000"]), 1), "10000": round(peak_rss(base), 1)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--models", default="zoo,resnet18,resnet50")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-memory", action="store_true")
+    args = ap.parse_args()
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+               "command": "python benchmarks/bench_scan.py " + " ".join(sys.argv[1:]), "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            path, net, shape = build(name, tmp)
+            batch = 256 if name == "zoo" else 32
+            x = np.random.RandomState(0).randn(batch * 4, *shape).astype(np.float32)
+            plain = Session(onnx.load(str(path)), args.device)
+            inst = Instrument(str(path), "all", args.device)
+            outs = [inst.logits] + [inst.instrumented.norm_outputs[k] for k in NORMS]
+            runs = {
+                "plain": lambda b: plain.run(b, [plain.output_names[0]]),
+                "scanner": lambda b: inst.session.run(b, outs),
+            }
+            if net is not None:
+                import torch
+
+                torch.set_num_threads(os.cpu_count())
+                dev = "cuda" if args.device == "cuda" else "cpu"
+                runs["torch_plain"] = torch_plain(net.to(dev), dev)
+                runs["torch_hooks"] = torch_hooks(net, dev)
+            samples = {k: [] for k in runs}
+            for _ in range(args.rounds):  # interleaved, so load changes hit every variant alike
+                for k, fn in runs.items():
+                    samples[k].append(rate(fn, x, batch, args.seconds / args.rounds))
+            r = {k: round(float(np.median(v)), 1) for k, v in samples.items()}
+            r["scanner_over_plain"] = round(r["scanner"] / r["plain"], 3)
+            if "torch_hooks" in r:
+                r["torch_hooks_over_plain"] = round(r["torch_hooks"] / r["plain"], 3)
+            r.update(layers=len(inst.layers), channels=inst.channels, batch=batch, provider=inst.session.provider)
+            results["models"][name] = r
+            print(name, json.dumps(r), file=sys.stderr)
+        if not args.no_memory:
+            results["peak_rss_mib_scan_all_layers"] = memory(tmp)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,403 @@
+"""Neuron layers of an ONNX classifier and the tensors where their channels are read.
+
+A layer is a Conv, ConvTranspose, Gemm or MatMul (with a constant 2-D weight) node. Its channels are read
+after the chain that directly follows it on a single-consumer path: a constant bias Add (Gemm/MatMul), an
+unfused BatchNormalization, and one activation. A residual Add mixes other tensors and ends the chain.
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from scanner.errors import NothingToAnalyse, ScannerError
+
+CONV_OPS = ("Conv", "ConvTranspose")
+LINEAR_OPS = ("Gemm", "MatMul")
+NEURON_OPS = CONV_OPS + LINEAR_OPS
+ACTIVATIONS = (
+    "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Gelu",
+    "Softplus", "PRelu", "Celu", "Mish", "Softsign",
+)  # fmt: skip
+NONNEGATIVE = ("Relu", "Sigmoid", "HardSigmoid", "Softplus")
+"""Activations whose output is >= 0 for every input (Clip depends on its min)."""
+NOT_ZERO_PRESERVING = ("Sigmoid", "Softplus")
+"""Activations with f(0) != 0 (HardSigmoid and Clip depend on their parameters)."""
+HEAD_PASS = ("Add", "Flatten", "Softmax", "LogSoftmax", "Identity", "Reshape", "Squeeze", "Dropout", "Cast", "Sigmoid")
+"""Ops between the head's output and a graph output."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One neuron layer and where its channels are read."""
+
+    id: str
+    op_type: str
+    node: str
+    output: str
+    read: str
+    chain: tuple
+    chain_nodes: tuple
+    channels: int
+    channel_axis: int
+    rank: int
+    spatial: tuple
+    nonnegative: bool
+    zero_preserving: bool
+    is_last_conv: bool
+    is_head: bool
+    index: int
+    input: str = ""
+    """The neuron op's data input (the features a head Gemm/MatMul reads)."""
+
+
+def node_name(node, index):
+    """A node's name, or ``{op_type}_{index}`` when it has none."""
+    return node.name or f"{node.op_type}_{index}"
+
+
+def opset_version(model):
+    """The model's default-domain opset."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise ScannerError("model imports no default-domain opset")
+
+
+def copy_model(model):
+    """A deep copy of a ModelProto."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _subgraphs(node):
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _all_nodes(graph):
+    """Nodes of ``graph`` and of its subgraphs (If/Loop/Scan bodies)."""
+    for node in graph.node:
+        yield node
+        for sub in _subgraphs(node):
+            yield from _all_nodes(sub)
+
+
+class GraphIndex:
+    """Producers, consumers, constants and inferred types of a model's main graph (read-only view)."""
+
+    def __init__(self, model, infer=True):
+        self.model = model
+        graph = model.graph
+        self.nodes = list(graph.node)
+        self.names = [node_name(n, i) for i, n in enumerate(self.nodes)]
+        self.by_name = {name: i for i, name in enumerate(self.names)}
+        self.producer = {out: i for i, n in enumerate(self.nodes) for out in n.output if out}
+        self.consumers = defaultdict(list)
+        for i, n in enumerate(self.nodes):
+            for slot, name in enumerate(n.input):
+                if name:
+                    self.consumers[name].append((i, slot))
+            for sub in _subgraphs(n):  # outer-scope references count as uses
+                for sn in _all_nodes(sub):
+                    for name in sn.input:
+                        if name:
+                            self.consumers[name].append((i, -1))
+        self.outputs = {o.name for o in graph.output}
+        self.inputs = {i.name for i in graph.input}
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.value_info = _infer(model) if infer else {}
+
+    def const(self, name):
+        """The value of a constant tensor (initializer, Constant node, through Identity), else None."""
+        seen = 0
+        while name and seen < 64:
+            if name in self.initializers:
+                return numpy_helper.to_array(self.initializers[name])
+            i = self.producer.get(name)
+            if i is None:
+                return None
+            node = self.nodes[i]
+            if node.op_type == "Constant":
+                return constant_value(node)
+            if node.op_type != "Identity":
+                return None
+            name, seen = node.input[0], seen + 1
+        return None
+
+    def shape(self, name):
+        """Inferred dims (int, or None where unknown) of a tensor, or None when its rank is unknown."""
+        vi = self.value_info.get(name)
+        if vi is None or not vi.type.tensor_type.HasField("shape"):
+            return None
+        return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+
+    def elem_type(self, name, default=onnx.TensorProto.FLOAT):
+        """Inferred element type of a tensor."""
+        vi = self.value_info.get(name)
+        return vi.type.tensor_type.elem_type if vi is not None and vi.type.tensor_type.elem_type else default
+
+    def attr(self, node, name, default=None):
+        """A node attribute's value."""
+        for a in node.attribute:
+            if a.name == name:
+                return onnx.helper.get_attribute_value(a)
+        return default
+
+
+def _infer(model):
+    """ValueInfo by tensor name after onnx shape inference on a copy (empty when inference fails)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - huge or odd models: go on without shapes
+        inferred = model
+    g = inferred.graph
+    return {vi.name: vi for vi in list(g.input) + list(g.value_info) + list(g.output)}
+
+
+def constant_value(node):
+    """The value of a Constant node as a numpy array."""
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), np.int64)
+    return None
+
+
+def find_weight(model, name):
+    """The value of weight tensor ``name`` and where it lives: ``"initializer"`` or ``"constant"`` (a Constant
+    node, possibly through Identity nodes). Raises ScannerError when it is not a constant."""
+    gi = GraphIndex(model, infer=False)
+    value = gi.const(name)
+    if value is None:
+        raise ScannerError(f"tensor {name!r} is not a constant weight (initializer or Constant node)")
+    return value, "initializer" if name in gi.initializers else "constant"
+
+
+def _neuron(gi, node):
+    """(channels, rank or None) of a neuron node with a constant weight, else None."""
+    if node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return None
+    w = gi.const(node.input[1])
+    if w is None:
+        return None
+    if node.op_type == "Conv" and w.ndim >= 3:
+        return w.shape[0], w.ndim
+    if node.op_type == "ConvTranspose" and w.ndim >= 3:
+        return w.shape[1] * gi.attr(node, "group", 1), w.ndim
+    if node.op_type == "Gemm" and w.ndim == 2:
+        return (w.shape[0] if gi.attr(node, "transB", 0) else w.shape[1]), 2
+    if node.op_type == "MatMul" and w.ndim == 2 and gi.const(node.input[0]) is None:
+        shape = gi.shape(node.output[0]) or gi.shape(node.input[0])
+        return w.shape[1], (len(shape) if shape else None)
+    return None
+
+
+def _bias_add(gi, node, slot, channels):
+    """True if ``node`` is an Add of a constant per-channel (last axis) bias to input ``slot``."""
+    if node.op_type != "Add" or len(node.input) != 2:
+        return False
+    b = gi.const(node.input[1 - slot])
+    return b is not None and b.ndim >= 1 and b.shape[-1] == channels and b.size == channels
+
+
+def _silu(gi, cur):
+    """(sigmoid index, mul index) if ``cur`` feeds exactly Sigmoid(cur) and Mul(cur, Sigmoid(cur)), else None."""
+    cons = gi.consumers.get(cur, [])
+    if len(cons) != 2:
+        return None
+    nodes = {gi.nodes[i].op_type: i for i, _ in cons}
+    s, m = nodes.get("Sigmoid"), nodes.get("Mul")
+    if s is None or m is None:
+        return None
+    sig_out = gi.nodes[s].output[0]
+    if sig_out in gi.outputs or [i for i, _ in gi.consumers.get(sig_out, [])] != [m]:
+        return None
+    return (s, m) if sorted(gi.nodes[m].input) == sorted([cur, sig_out]) else None
+
+
+def _chain(gi, index, channels, rank):
+    """Node indices from the neuron node to the node whose output is read."""
+    op = gi.nodes[index].op_type
+    chain, cur, stage = [index], gi.nodes[index].output[0], 0  # stages: 1 bias Add, 2 BN, 3 activation
+    while stage < 3 and cur not in gi.outputs:
+        silu = _silu(gi, cur)
+        if silu:
+            chain += list(silu)
+            cur = gi.nodes[silu[1]].output[0]
+            break
+        cons = gi.consumers.get(cur, [])
+        if len(cons) != 1:
+            break
+        j, slot = cons[0]
+        nxt = gi.nodes[j]
+        outs = [o for o in nxt.output if o]
+        if len(outs) != 1 or nxt.domain not in ("", "ai.onnx"):
+            break
+        if stage < 1 and op in LINEAR_OPS and _bias_add(gi, nxt, slot, channels):
+            stage = 1
+        elif (
+            stage < 2
+            and nxt.op_type == "BatchNormalization"
+            and slot == 0
+            and (op in CONV_OPS or rank == 2)
+            and all(gi.const(n) is not None for n in nxt.input[1:5])
+        ):
+            stage = 2
+        elif nxt.op_type in ACTIVATIONS and slot == 0:
+            stage = 3
+        else:
+            break
+        chain.append(j)
+        cur = outs[0]
+    return chain, cur
+
+
+def _clip_range(gi, node):
+    """(min, max) of a Clip node; None where not a constant."""
+    if opset_version(gi.model) < 11:
+        return gi.attr(node, "min", -np.inf), gi.attr(node, "max", np.inf)
+    bounds = []
+    for slot, default in ((1, -np.inf), (2, np.inf)):
+        if len(node.input) > slot and node.input[slot]:
+            v = gi.const(node.input[slot])
+            bounds.append(None if v is None else float(np.asarray(v).reshape(-1)[0]))
+        else:
+            bounds.append(default)
+    return tuple(bounds)
+
+
+def activation_facts(gi, node):
+    """(nonnegative, zero_preserving) of the output of the activation ``node``."""
+    op = node.op_type
+    if op == "Clip":
+        lo, hi = _clip_range(gi, node)
+        return lo is not None and lo >= 0, lo is not None and hi is not None and lo <= 0 <= hi
+    if op == "HardSigmoid":
+        return True, gi.attr(node, "beta", 0.5) <= 0
+    return op in NONNEGATIVE, op not in NOT_ZERO_PRESERVING
+
+
+def _is_head(gi, tensor):
+    """True if ``tensor`` reaches a graph output through pass-through ops only."""
+    for _ in range(32):
+        if tensor in gi.outputs:
+            return True
+        cons = gi.consumers.get(tensor, [])
+        if len(cons) != 1:
+            return False
+        node = gi.nodes[cons[0][0]]
+        if node.op_type not in HEAD_PASS or not node.output:
+            return False
+        if node.op_type == "Add" and gi.const(node.input[1 - cons[0][1]]) is None:
+            return False
+        tensor = node.output[0]
+    return False
+
+
+def _spatial(shape, rank, channel_axis):
+    if rank == 2:
+        return ()
+    if shape is None or len(shape) != rank:
+        return None
+    dims = shape[2:] if channel_axis == 1 else shape[1:-1]
+    return tuple(dims) if all(d for d in dims) else None
+
+
+def discover(model):
+    """All neuron layers of ``model`` in topological order (the input proto is not modified)."""
+    gi = GraphIndex(model)
+    found = []
+    for i, node in enumerate(gi.nodes):
+        if node.op_type not in NEURON_OPS:
+            continue
+        facts = _neuron(gi, node)
+        if facts is None:
+            continue
+        channels, rank = facts
+        chain, read = _chain(gi, i, channels, rank)
+        shape = gi.shape(read)
+        rank = len(shape) if shape else rank
+        if rank is None:
+            continue
+        channel_axis = 1 if node.op_type in CONV_OPS else rank - 1
+        nonneg, zero_pres = False, True
+        last = gi.nodes[chain[-1]]
+        if last.op_type in ACTIVATIONS:
+            nonneg, zero_pres = activation_facts(gi, last)
+        name = gi.names[i]
+        found.append(
+            dict(
+                id=f"{name}:{node.output[0]}",
+                op_type=node.op_type,
+                node=name,
+                output=node.output[0],
+                read=read,
+                chain=tuple(gi.nodes[j].op_type for j in chain),
+                chain_nodes=tuple(gi.names[j] for j in chain),
+                channels=int(channels),
+                channel_axis=channel_axis,
+                rank=rank,
+                spatial=_spatial(shape, rank, channel_axis),
+                nonnegative=nonneg,
+                zero_preserving=zero_pres,
+                is_last_conv=False,
+                is_head=node.op_type in LINEAR_OPS and _is_head(gi, read),
+                index=len(found),
+                input=node.input[0],
+            )
+        )
+    convs = [f for f in found if f["op_type"] in CONV_OPS]
+    if convs:
+        convs[-1]["is_last_conv"] = True
+    return [Layer(**f) for f in found]
+
+
+def select(layers, spec):
+    """The layers named by ``spec``: ``"last"``, ``"all"``, ``"ID[,ID...]"`` or a list of ids / unique node names.
+
+    ``last`` is the last conv layer (the paper's choice), else the last non-head layer. Topological order.
+    """
+    layers = list(layers)
+    if not layers:
+        raise NothingToAnalyse("no Conv, ConvTranspose, Gemm or MatMul layer with constant weights found")
+    if isinstance(spec, str) and spec == "last":
+        chosen = [l for l in layers if l.is_last_conv] or [l for l in layers if not l.is_head][-1:]
+        if not chosen:
+            raise NothingToAnalyse("no conv layer and no layer before the head to analyse; try --layers all")
+        return chosen
+    if isinstance(spec, str) and spec == "all":
+        return layers
+    by_id = {l.id: l for l in layers}
+    if isinstance(spec, str):
+        wanted = [spec] if spec in by_id else [s.strip() for s in spec.split(",") if s.strip()]
+    else:
+        wanted = [getattr(s, "id", s) for s in spec]
+    by_node = defaultdict(list)
+    for l in layers:
+        by_node[l.node].append(l)
+    picked = set()
+    for w in wanted:
+        if w in by_id:
+            picked.add(w)
+        elif len(by_node.get(w, ())) == 1:
+            picked.add(by_node[w][0].id)
+        else:
+            hint = ", ".join(l.id for l in layers[:5]) + (", ..." if len(layers) > 5 else "")
+            raise ScannerError(f"unknown layer {w!r}; valid ids: {hint} (see `scanner inspect`)")
+    if not picked:
+        raise ScannerError("no layer selected; use last, all or layer ids")
+    return [l for l in layers if l.id in picked]

@@ -1,0 +1,247 @@
+"""Graph surgery: zero channels, rewrite a linear layer, record what was done (plain onnx protos).
+
+Every function returns a new model; the input proto is never modified. A weight used by any other node (or
+slot) is copied into a new initializer before it is edited, so other consumers keep the original. Model and
+node metadata, doc strings, versions, opset imports and node names are kept as they are.
+"""
+
+import json
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from scanner.errors import ScannerError
+from scanner.instrument import Names
+from scanner.layers import LINEAR_OPS, GraphIndex, copy_model
+
+
+class _Editor:
+    """Edits weights of one model copy, copying shared ones first."""
+
+    def __init__(self, model):
+        self.model = model
+        self.names = Names(model)
+        self.refresh()
+
+    def refresh(self):
+        self.gi = GraphIndex(self.model, infer=False)
+
+    def node(self, layer, position=0):
+        """The node at ``position`` in ``layer``'s chain, checked against the layer's facts."""
+        indices = [self.gi.by_name.get(name) for name in layer.chain_nodes]
+        nodes = [self.gi.nodes[i] if i is not None else None for i in indices]
+        if (
+            any(n is None or n.op_type != op for n, op in zip(nodes, layer.chain))
+            or nodes[0].output[0] != layer.output
+            or layer.read not in nodes[-1].output
+        ):
+            raise ScannerError(f"layer {layer.id} does not match this model; rediscover layers")
+        return self.model.graph.node[indices[position]]
+
+    def read(self, node, slot):
+        """The constant at ``node.input[slot]``."""
+        value = self.gi.const(node.input[slot]) if slot < len(node.input) and node.input[slot] else None
+        if value is None:
+            raise ScannerError(f"node {node.name or node.op_type}: input {slot} is not a constant weight")
+        return value
+
+    def write(self, node, slot, value):
+        """Set ``node.input[slot]`` to ``value``: in place when nothing else uses it, else as a new initializer."""
+        name = node.input[slot] if slot < len(node.input) else ""
+        value = np.ascontiguousarray(value)
+        uses = len(self.gi.consumers.get(name, ())) + (name in self.gi.outputs) if name else 0
+        g = self.model.graph
+        if uses == 1 and name in self.gi.initializers:
+            self.gi.initializers[name].CopyFrom(numpy_helper.from_array(value, name))
+            return
+        producer = self.gi.producer.get(name)
+        if uses == 1 and producer is not None and g.node[producer].op_type == "Constant":
+            attrs = g.node[producer].attribute
+            if len(attrs) == 1 and attrs[0].name == "value":
+                attrs[0].t.CopyFrom(numpy_helper.from_array(value, attrs[0].t.name))
+                return
+        new = self.names(f"{name or node.output[0] + '.bias'}.scanner")
+        g.initializer.append(numpy_helper.from_array(value, new))
+        while len(node.input) <= slot:
+            node.input.append("")
+        node.input[slot] = new
+        self.refresh()
+
+    def zero(self, node, slot, index):
+        """Zero ``value[index]`` of the constant at ``node.input[slot]``."""
+        value = self.read(node, slot).copy()
+        value[index] = 0
+        self.write(node, slot, value)
+
+    def zero_last_axis(self, node, slot, channels, ks):
+        """Zero entries ``ks`` on the last axis of a bias that broadcasts over ``channels``."""
+        value = self.read(node, slot)
+        if value.ndim == 0 or value.shape[-1] != channels:
+            value = np.broadcast_to(value, value.shape[:-1] + (channels,) if value.ndim else (channels,))
+        value = value.copy()
+        value[..., ks] = 0
+        self.write(node, slot, value)
+
+
+def _refusal(layer):
+    act = next((op for op in reversed(layer.chain) if op not in ("Mul", "BatchNormalization", "Add")), layer.chain[-1])
+    return ScannerError(
+        f"layer {layer.id}: cannot prune through {act} ({act}(0) != 0, a zeroed channel would not read 0); "
+        "choose another layer"
+    )
+
+
+def prune(model, plan, layers):
+    """A copy of ``model`` where each channel in ``plan`` ({layer id: [channels]}) reads exactly 0 for every input."""
+    by_id = {l.id: l for l in layers}
+    m = copy_model(model)
+    ed = _Editor(m)
+    for layer_id, channels in plan.items():
+        layer = by_id.get(layer_id)
+        if layer is None:
+            raise ScannerError(f"unknown layer {layer_id!r} in the prune plan")
+        ks = sorted({int(k) for k in channels})
+        if not ks:
+            continue
+        bad = [k for k in ks if not 0 <= k < layer.channels]
+        if bad:
+            raise ScannerError(f"layer {layer.id}: channel {bad[0]} out of range (it has {layer.channels})")
+        if not layer.zero_preserving:
+            raise _refusal(layer)
+        _prune_layer(ed, layer, ks)
+    return m
+
+
+def _prune_layer(ed, layer, ks):
+    node = ed.node(layer)
+    op = layer.op_type
+    attr = ed.gi.attr
+    if op == "Conv":
+        ed.zero(node, 1, ks)
+    elif op == "ConvTranspose":
+        w = ed.read(node, 1).copy()
+        group = attr(node, "group", 1)
+        cin_g, cout_g = w.shape[0] // group, w.shape[1]
+        for k in ks:
+            g = k // cout_g
+            w[g * cin_g : (g + 1) * cin_g, k % cout_g] = 0
+        ed.write(node, 1, w)
+    elif op == "Gemm":
+        ed.zero(node, 1, (ks, slice(None)) if attr(node, "transB", 0) else (slice(None), ks))
+    elif op == "MatMul":
+        ed.zero(node, 1, (slice(None), ks))
+    if op in ("Conv", "ConvTranspose") and len(node.input) > 2 and node.input[2]:
+        ed.zero(node, 2, ks)
+    if op == "Gemm" and len(node.input) > 2 and node.input[2]:
+        ed.zero_last_axis(node, 2, layer.channels, ks)
+    for pos, kind in enumerate(layer.chain[1:], 1):
+        if kind == "Add" and op in LINEAR_OPS and pos == 1:
+            add = ed.node(layer, pos)
+            prev = ed.model.graph.node[ed.gi.by_name[layer.chain_nodes[0]]].output[0]
+            ed.zero_last_axis(add, 1 if add.input[0] == prev else 0, layer.channels, ks)
+        elif kind == "BatchNormalization":
+            bn = ed.node(layer, pos)
+            ed.zero(bn, 1, ks)
+            ed.zero(bn, 2, ks)
+
+
+def _linear_parts(ed, layer):
+    """(node, bias node, bias slot): the bias lives in the Gemm's C or in the Add after the Gemm/MatMul (or nowhere)."""
+    if layer.op_type not in LINEAR_OPS:
+        raise ScannerError(f"layer {layer.id} is a {layer.op_type}, not a Gemm or MatMul")
+    node = ed.node(layer)
+    has_c = layer.op_type == "Gemm" and len(node.input) > 2 and bool(node.input[2])
+    if len(layer.chain) > 1 and layer.chain[1] == "Add":
+        if has_c:
+            raise ScannerError(
+                f"layer {layer.id}: a Gemm with C and a bias Add after it is not supported; fold the Add"
+            )
+        add = ed.node(layer, 1)
+        return node, add, 1 if add.input[0] == node.output[0] else 0
+    return (node, node, 2) if layer.op_type == "Gemm" else (node, None, None)
+
+
+def linear_weights(model, layer):
+    """(weight (out, in), bias (out,)) of a Gemm/MatMul(+Add) layer: ``y = x @ weight.T + bias`` (alpha, beta applied)."""
+    ed = _Editor(model)
+    node, bias_node, slot = _linear_parts(ed, layer)
+    w = ed.read(node, 1).astype(np.float64)
+    alpha = beta = 1.0
+    if layer.op_type == "Gemm":
+        alpha = ed.gi.attr(node, "alpha", 1.0)
+        beta = ed.gi.attr(node, "beta", 1.0) if bias_node is node else 1.0
+        w = w if ed.gi.attr(node, "transB", 0) else w.T
+    else:
+        w = w.T
+    bias = np.zeros(layer.channels)
+    if bias_node is not None and slot < len(bias_node.input) and bias_node.input[slot]:
+        b = ed.read(bias_node, slot).astype(np.float64)
+        if b.size not in (1, layer.channels):
+            raise ScannerError(f"layer {layer.id}: bias of shape {b.shape} is not per channel")
+        bias = np.broadcast_to(b.reshape(-1), (layer.channels,)) * beta
+    return (w * alpha).astype(np.float32), bias.astype(np.float32)
+
+
+def set_linear(model, layer, weight, bias):
+    """A copy of ``model`` whose Gemm/MatMul(+Add) layer computes ``x @ weight.T + bias``, in the layer's own layout.
+
+    A Gemm without C gets a C initializer when the bias is not zero; a MatMul without bias Add gets an Add.
+    """
+    m = copy_model(model)
+    ed = _Editor(m)
+    node, bias_node, slot = _linear_parts(ed, layer)
+    old = ed.read(node, 1)
+    weight = np.asarray(weight, np.float64)
+    bias = np.asarray(bias, np.float64).reshape(-1)
+    expected = (layer.channels, old.size // layer.channels)
+    if weight.shape != expected or bias.shape != (layer.channels,):
+        raise ScannerError(
+            f"layer {layer.id}: expected weight {expected} and bias ({layer.channels},), got {weight.shape} and {bias.shape}"
+        )
+    if layer.op_type == "Gemm":
+        w = weight / ed.gi.attr(node, "alpha", 1.0)
+        ed.write(node, 1, (w if ed.gi.attr(node, "transB", 0) else w.T).astype(old.dtype))
+    else:
+        ed.write(node, 1, weight.T.astype(old.dtype))
+    if bias_node is node:  # Gemm C (present or added)
+        has_c = len(node.input) > 2 and node.input[2]
+        if has_c or np.any(bias):
+            c = bias / ed.gi.attr(node, "beta", 1.0)
+            if has_c:
+                old_c = ed.read(node, 2)
+                c = c.reshape(old_c.shape) if old_c.size == layer.channels else c
+            ed.write(node, 2, c.astype(old.dtype))
+    elif bias_node is not None:
+        old_b = ed.read(bias_node, slot)
+        ed.write(bias_node, slot, bias.reshape(old_b.shape if old_b.size == layer.channels else -1).astype(old_b.dtype))
+    elif np.any(bias):
+        _add_bias(ed, node, bias.astype(old.dtype))
+    return m
+
+
+def _add_bias(ed, node, bias):
+    """Insert Add(MatMul output, bias) after a MatMul that had no bias; consumers keep the original tensor name."""
+    g = ed.model.graph
+    out = node.output[0]
+    pre = ed.names(f"{out}.nobias")
+    node.output[0] = pre
+    b = ed.names(f"{out}.bias")
+    g.initializer.append(numpy_helper.from_array(bias, b))
+    add = onnx.helper.make_node("Add", [pre, b], [out], name=ed.names(f"{node.name or 'MatMul'}/bias"))
+    index = list(g.node).index(node)
+    g.node.insert(index + 1, add)
+
+
+def record(model, key_values):
+    """A copy of ``model`` with ``metadata_props`` entries set (non-string values are stored as JSON)."""
+    m = copy_model(model)
+    props = {p.key: p for p in m.metadata_props}
+    for key, value in key_values.items():
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        if key in props:
+            props[key].value = text
+        else:
+            entry = m.metadata_props.add()
+            entry.key, entry.value = key, text
+    return m
