@@ -40,12 +40,27 @@ def _setup_logging(verbose, quiet):
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    _STATE["quiet"] = bool(quiet)
     if quiet:
         Progress.enabled_default = False
 
 
+def status(text):
+    """Human status (tables for people when stdout carries JSON) on stderr, unless --quiet."""
+    if not _STATE.get("quiet"):
+        sys.stderr.write(text)
+
+
+def _log_flag(ctx, param, value):
+    if value:
+        parent = ctx.find_root().params
+        _setup_logging(parent.get("verbose", 0) + (value if param.name == "verbose" else 0),
+                       parent.get("quiet") or param.name == "quiet")
+    return value
+
+
 def command(fn):
-    """Every command: needs onnxruntime, reports ScannerError as one line (handled in :func:`main`)."""
+    """Every command: needs onnxruntime, takes -q/-v too, reports ScannerError as one line (see :func:`main`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -54,6 +69,8 @@ def command(fn):
         ort()
         return fn(*args, **kwargs)
 
+    wrapper = click.option("-v", "--verbose", count=True, expose_value=False, callback=_log_flag, help="More log lines on stderr.")(wrapper)
+    wrapper = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_log_flag, help="Only errors on stderr.")(wrapper)
     return wrapper
 
 
@@ -218,7 +235,7 @@ def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, tar
         check_output(report_out, force, [model])
     report, _ = prune_model(model, data, probe, model_out, layers, count, ratio, max_drop, force, device, threads,
                             batch_size, limit, preprocess, target)
-    sys.stderr.write(_repair_table(report))
+    status(_repair_table(report))
     if report_out:
         emit(to_json(report), report_out, True, [model])
     if fmt == "json":
@@ -262,7 +279,7 @@ def sanitize_cmd(model, data, probes, model_out, method, max_drop, always, layer
     report, proto, found = sanitize_with_probes(model, data, list(probes), model_out, method, layers, max_drop, force,
                                                 always, device, threads, batch_size, limit, preprocess,
                                                 None if target is None else [target] * len(probes))
-    sys.stderr.write(_repair_table(report))
+    status(_repair_table(report))
     if report_out:
         emit(to_json(report), report_out, True, [model])
     if fmt == "json":

@@ -1,0 +1,149 @@
+"""prune, sanitize --probe, evaluate: verified outputs, real attack-success drops on zoo models."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import CLEAN, MODELS, TEST, zoo_entry, zoo_path
+from scanner.data import ImageSet
+from scanner.evaluate import evaluate_model
+from scanner.fileio import atomic_path
+from scanner.layers import discover
+from scanner.model import load_model, sha256_file
+from scanner.repair import Repair, prune_model, sanitize_with_probes, verify
+from scanner.triggers import Trigger
+
+
+def _ops(model):
+    return [(n.op_type, n.name) for n in model.graph.node]
+
+
+@pytest.fixture(scope="module")
+def badnets_repair():
+    entry = zoo_entry("cnn_badnets")
+    return Repair(zoo_path("cnn_badnets"), CLEAN, [MODELS / entry["trigger"]], "last", "cpu")
+
+
+def test_probe_target_is_found(badnets_repair):
+    assert badnets_repair.targets == [zoo_entry("cnn_badnets")["target"]]
+    assert badnets_repair.base.probe_success[0] > 0.95
+
+
+def test_ranking_is_by_linf_rise(badnets_repair):
+    ranked = badnets_repair.ranking()
+    rise = badnets_repair.rise
+    values = [rise[badnets_repair.inst.slices[i][0] + k] for i, k in ranked]
+    assert values == sorted(values, reverse=True) and values[-1] > 0
+
+
+def test_mask_sweep_matches_real_pruning(badnets_repair, tmp_path):
+    plan = badnets_repair.plan(20)
+    level = badnets_repair.evaluate_plan(plan)
+    report, proto = prune_model(None, None, None, tmp_path / "p.onnx", count=20, rep=badnets_repair)
+    assert report["after"] == level.to_dict()
+    assert report["pruned"] == [{"layer": lid, "channels": ch} for lid, ch in plan.items()]
+    # the written model, run without masks, gives the same predictions as the masked sweep
+    from scanner.evaluate import predict
+    from scanner.runtime import Session
+
+    preds, _ = predict(Session(str(tmp_path / "p.onnx"), "cpu"), badnets_repair.pre, ImageSet(CLEAN))
+    sweep = badnets_repair.inst.measure(badnets_repair.clean_set, masks=badnets_repair.masks(plan), norms=False)
+    assert np.array_equal(preds, sweep.preds)
+
+
+def test_prune_output_verified_and_metadata_kept(badnets_repair, tmp_path):
+    out = tmp_path / "pruned.onnx"
+    before = sha256_file(zoo_path("cnn_badnets"))
+    prune_model(None, None, None, out, count=8, rep=badnets_repair)
+    assert sha256_file(zoo_path("cnn_badnets")) == before  # input untouched
+    m = onnx.load(str(out))
+    onnx.checker.check_model(m)
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert "scanner.preprocess" in meta
+    record = json.loads(meta["scanner.sanitize"])
+    assert record["pruned"][0]["channels"] == badnets_repair.plan(8)[record["pruned"][0]["layer"]]
+    assert [(i.name) for i in m.graph.input] == [i.name for i in load_model(zoo_path("cnn_badnets")).proto.graph.input]
+
+
+def test_empty_prune_is_identical(badnets_repair, tmp_path):
+    report, proto = prune_model(None, None, None, tmp_path / "e.onnx", count=0, rep=badnets_repair)
+    assert report["pruned_count"] == 0 and report["after"] == report["before"]
+    assert verify(badnets_repair.model, proto, badnets_repair, {}, exact=True)
+
+
+def test_existing_output_needs_force(badnets_repair, tmp_path):
+    from scanner.errors import ScannerError
+
+    out = tmp_path / "p.onnx"
+    out.write_bytes(b"keep me")
+    with pytest.raises(ScannerError, match="--force"):
+        prune_model(zoo_path("cnn_badnets"), CLEAN, MODELS / "triggers" / "badnets_3x3.json", out, count=1)
+    assert out.read_bytes() == b"keep me"
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    target = tmp_path / "out.onnx"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["cnn_badnets", "cnn_blend", "resnet_badnets", "resnet_blend"])
+def test_refit_removes_backdoor_and_keeps_graph(name, tmp_path):
+    entry = zoo_entry(name)
+    out = tmp_path / "s.onnx"
+    report, proto, found = sanitize_with_probes(zoo_path(name), CLEAN, [MODELS / entry["trigger"]], out, device="cpu")
+    assert found and report["backdoor_found"] and report["verified"]
+    original = load_model(zoo_path(name)).proto
+    assert _ops(proto) == _ops(original)  # same graph, new weights
+    assert report["after"]["agreement"] >= 0.97  # cross-validated on the defender's clean set
+    images = ImageSet(TEST, labeled=True)
+    trigger = Trigger.load(MODELS / entry["trigger"])
+    before, preds_before = evaluate_model(zoo_path(name), images, trigger, entry["target"], "cpu")
+    after, preds_after = evaluate_model(out, images, trigger, entry["target"], "cpu")
+    assert (preds_before == preds_after).mean() >= 0.98  # agreement on the committed test sample
+    assert after["attack_success_rate"] < 0.10 < before["attack_success_rate"]
+    assert after["clean_accuracy"] >= before["clean_accuracy"] - 0.02
+
+
+def test_clean_model_probe_does_not_move_it(tmp_path):
+    report, proto, found = sanitize_with_probes(zoo_path("cnn_clean"), CLEAN, [MODELS / "triggers" / "badnets_3x3.json"], tmp_path / "c.onnx", device="cpu")
+    assert not found and proto is None and not (tmp_path / "c.onnx").exists()
+
+
+def test_unpaired_probe_folder_falls_back_to_prune(tmp_path, caplog):
+    entry = zoo_entry("cnn_badnets")
+    trigger = Trigger.load(MODELS / entry["trigger"])
+    import cv2
+
+    from scanner.data import Preprocess
+
+    pixels = ImageSet(CLEAN, limit=200).load_all(Preprocess(size=(28, 28), color="gray")).pixels
+    folder = tmp_path / "redteam"
+    folder.mkdir()
+    for i, img in enumerate(trigger.apply(pixels)):
+        cv2.imwrite(str(folder / f"red_{i:04d}.png"), img)
+    report, proto, found = sanitize_with_probes(zoo_path("cnn_badnets"), CLEAN, [folder], tmp_path / "s.onnx", device="cpu", limit=200)
+    assert found and report["rule"]["method"] == "prune" and not report["probes"][0]["paired"]
+    assert report["after"]["probe_success"][0] < report["before"]["probe_success"][0]
+
+
+def test_cli_prune_then_evaluate_compare(run_cli, tmp_path):
+    out = tmp_path / "pruned.onnx"
+    trig = MODELS / "triggers" / "badnets_3x3.json"
+    code, stdout, err = run_cli("prune", zoo_path("cnn_badnets"), "--data", TEST, "--probe", trig, "--max-accuracy-drop", "0.02", "-o", out)
+    assert code == 0 and stdout == "" and "probe success" in err
+    code, stdout, _ = run_cli("evaluate", zoo_path("cnn_badnets"), "--data", TEST, "--trigger", trig, "--target", "0", "--compare", out, "--format", "json")
+    r = json.loads(stdout)
+    assert code == 0 and r["delta"]["attack_success_rate"] < -0.5 and r["delta"]["clean_accuracy"] >= -0.03
+
+
+def test_cli_sanitize_exit_codes(run_cli, tmp_path):
+    code, stdout, _ = run_cli("sanitize", zoo_path("cnn_badnets"), "--data", CLEAN, "--probe", MODELS / "triggers" / "badnets_3x3.json", "-o", tmp_path / "s.onnx", "--format", "json")
+    assert code == 1 and json.loads(stdout)["backdoor_found"] and (tmp_path / "s.onnx").exists()
+    code, stdout, err = run_cli("sanitize", zoo_path("cnn_clean"), "--data", CLEAN, "--probe", MODELS / "triggers" / "badnets_3x3.json", "-o", tmp_path / "c.onnx")
+    assert code == 0 and not (tmp_path / "c.onnx").exists()
