@@ -64,10 +64,15 @@ def command(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from scanner.data import MIN_IMAGES
         from scanner.runtime import ort
 
         ort()
-        return fn(*args, **kwargs)
+        token = MIN_IMAGES.set(kwargs.pop("min_images", None) or 1)  # --min-images (data_options)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            MIN_IMAGES.reset(token)
 
     wrapper = click.option("-v", "--verbose", count=True, expose_value=False, callback=_log_flag, help="More log lines on stderr.")(wrapper)
     wrapper = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_log_flag, help="Only errors on stderr.")(wrapper)
@@ -96,6 +101,8 @@ def data_options(fn):
             click.option("--batch-size", type=click.IntRange(1, 65536), default=128, show_default=True),
             click.option("--threads", type=click.IntRange(1, 1024), default=None, help="onnxruntime intra-op threads."),
             click.option("--limit", type=click.IntRange(1), default=None, help="Use at most N images."),
+            click.option("--min-images", type=click.IntRange(1), default=1, show_default=True,
+                         help="Fail when fewer usable images remain (unreadable files are counted and named)."),
         ]
     ):
         fn = deco(fn)
@@ -246,24 +253,34 @@ def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, tar
 @cli.command("sanitize")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(), help="Clean images (labels optional).")
-@click.option("--probe", "probes", multiple=True, type=click.Path(), help="A trigger .json or a folder of triggered images (repeatable).")
+@click.option("--probe", "probes", multiple=True, type=click.Path(),
+              help="A trigger .json or a folder of triggered images (repeatable). Without it, triggers are synthesized.")
 @click.option("-o", "--output", "model_out", required=True, type=click.Path(dir_okay=False), help="The sanitized ONNX file.")
 @click.option("--method", type=click.Choice(["prune", "refit", "both"]), default="refit", show_default=True,
               help="prune: l-inf pruning; refit: closed-form head refit on clean + probe pairs; both.")
 @click.option("--max-accuracy-drop", "max_drop", type=click.FloatRange(0, 1), default=0.02, show_default=True)
 @click.option("--always", is_flag=True, help="Write a model even when nothing is found.")
+@click.option("--budget", type=click.FloatRange(1), default=55.0, show_default=True,
+              help="Seconds for the whole job without --probe (trigger synthesis gets 60%).")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the trigger search.")
+@click.option("--triggers-dir", type=click.Path(file_okay=False), help="Save the synthesized triggers (JSON + PNG) here.")
 @prune_options
 @data_options
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--report", "report_out", type=click.Path(dir_okay=False), help="Also write the JSON report to FILE.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @command
-def sanitize_cmd(model, data, probes, model_out, method, max_drop, always, layers, target, preprocess, device,
-                 batch_size, threads, limit, fmt, report_out, force):
-    """Remove a backdoor and write a verified, sanitized model (exit 1 when one was found and removed).
+def sanitize_cmd(model, data, probes, model_out, method, max_drop, always, budget, seed, triggers_dir, layers, target,
+                 preprocess, device, batch_size, threads, limit, fmt, report_out, force):
+    """Find and remove a backdoor; write a verified, sanitized model (exit 1 when one was found and removed).
+
+    Without --probe: synthesize the smallest trigger per class (forward passes only), decide (clean /
+    suspicious / backdoored), and repair with the synthesized triggers of the suspected target(s). A clean
+    verdict writes no model unless --always.
 
     \b
-    Example:
+    Examples:
+      scanner sanitize models/cnn_badnets.onnx --data models/data/clean -o sanitized.onnx --report report.json
       scanner sanitize models/cnn_blend.onnx --data models/data/clean \\
           --probe models/triggers/blend_random.json -o sanitized.onnx
     """
@@ -275,11 +292,20 @@ def sanitize_cmd(model, data, probes, model_out, method, max_drop, always, layer
     if report_out:
         check_output(report_out, force, [model])
     if not probes:
-        raise ScannerError("--probe is needed (trigger synthesis without a probe is not available yet)")
-    report, proto, found = sanitize_with_probes(model, data, list(probes), model_out, method, layers, max_drop, force,
-                                                always, device, threads, batch_size, limit, preprocess,
-                                                None if target is None else [target] * len(probes))
-    status(_repair_table(report))
+        from scanner.synthesis import Config
+        from scanner.verdict import sanitize_blind, verdict_table
+
+        report, proto, found = sanitize_blind(model, data, model_out, force, always, device, threads, batch_size, limit,
+                                              preprocess, Config(seed=seed), triggers_dir=triggers_dir, budget=budget)
+        status(verdict_table(report))
+        if "repair" in report:
+            status(_repair_table({**report["repair"], "pruned_count": 0, "pruned": [], "refit": True,
+                                  "rule": {"method": "refit"}}))
+    else:
+        report, proto, found = sanitize_with_probes(model, data, list(probes), model_out, method, layers, max_drop, force,
+                                                    always, device, threads, batch_size, limit, preprocess,
+                                                    None if target is None else [target] * len(probes))
+        status(_repair_table(report))
     if report_out:
         emit(to_json(report), report_out, True, [model])
     if fmt == "json":
@@ -316,14 +342,39 @@ def evaluate_cmd(model, data, trigger, target, compare, preprocess, device, batc
     return EXIT_OK
 
 
+def _one_line(text):
+    """``text`` on one line (a message from a library may carry newlines)."""
+    return " ".join(str(text).split())
+
+
 def main(argv=None):
-    """Console entry point: maps errors to one stderr line and an exit code."""
+    """Console entry point: maps errors to one stderr line and an exit code (a traceback only with --debug).
+
+    Logging and progress settings made by the flags are put back afterwards, so in-process runs (tests, API
+    users) do not leak ``-q``/``-v`` into each other.
+    """
+    from scanner.progress import Progress
+
+    saved = (log.level, list(log.handlers), log.propagate, dict(_STATE), Progress.enabled_default)
+    try:
+        _main(argv)
+    finally:
+        log.setLevel(saved[0])
+        log.handlers[:] = saved[1]
+        log.propagate = saved[2]
+        _STATE.clear()
+        _STATE.update(saved[3])
+        Progress.enabled_default = saved[4]
+
+
+def _main(argv):
     try:
         rv = cli.main(args=argv, prog_name="scanner", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.UsageError as exc:
-        exc.show()
+        where = f"scanner {exc.ctx.command_path.split(' ', 1)[1]}" if exc.ctx and " " in exc.ctx.command_path else "scanner"
+        sys.stderr.write(f"scanner: error: {_one_line(exc.format_message())} (see '{where} --help')\n")
         sys.exit(EXIT_ERROR)
     except (click.exceptions.Abort, KeyboardInterrupt):
         sys.stderr.write("\nscanner: interrupted\n")
@@ -331,17 +382,22 @@ def main(argv=None):
     except ScannerError as exc:
         if _STATE["debug"]:
             raise
-        sys.stderr.write(f"scanner: error: {exc}\n")
+        sys.stderr.write(f"scanner: error: {_one_line(exc)}\n")
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        sys.stderr.write(f"scanner: error: {_one_line(exc.format_message())}\n")
         sys.exit(EXIT_ERROR)
     except BrokenPipeError:
+        sys.exit(EXIT_ERROR)
+    except MemoryError:
+        if _STATE["debug"]:
+            raise
+        sys.stderr.write("scanner: error: out of memory (try a smaller --batch-size or --limit)\n")
         sys.exit(EXIT_ERROR)
     except Exception as exc:  # a bug: still one line unless --debug
         if _STATE["debug"]:
             raise
-        sys.stderr.write(f"scanner: internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)\n")
+        sys.stderr.write(f"scanner: internal error: {type(exc).__name__}: {_one_line(exc)[:300]} (run with --debug for a traceback)\n")
         sys.exit(EXIT_ERROR)
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 

@@ -4,20 +4,35 @@ Pixels travel as ``uint8`` arrays of shape (N, H, W, C) at the model's size and 
 stamped on them (:mod:`scanner.triggers`), then :meth:`Preprocess.to_tensor` makes the model's input.
 """
 
+import contextvars
 import json
 import logging
 import os
+import struct
 import threading
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cv2
-import numpy as np
+MAX_IMAGE_PIXELS = 1 << 26
+"""Largest image (width x height) decoded: 8192 x 8192. Beyond it a file is a decompression bomb, not a sample."""
+# OpenCV reads its own pixel limit once, at its first decode: set it before anything decodes (backstop for the
+# formats whose header :func:`image_dimensions` does not parse). Its warnings would break one-line stderr.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
+os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
 
-from scanner.errors import ScannerError
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from scanner.errors import ScannerError  # noqa: E402
 
 log = logging.getLogger("scanner")
+try:
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+except AttributeError:  # pragma: no cover - older OpenCV
+    pass
 
 IMAGE_EXTENSIONS = frozenset(
     ".png .jpg .jpeg .jpe .bmp .dib .tif .tiff .webp .pgm .ppm .pbm .pnm .pxm .sr .ras .jp2 .exr .hdr .pic".split()
@@ -26,6 +41,14 @@ COLORS = ("gray", "rgb", "bgr")
 LAYOUTS = ("NCHW", "NHWC")
 DTYPES = ("float32", "float16", "float64", "uint8", "int8")
 MAX_FILE_BYTES = 256 << 20
+MAX_INPUT_ELEMENTS = 1 << 26
+"""Largest model input per image (H x W x C), as in :mod:`scanner.model`."""
+MAX_NPZ_BYTES = 2 << 30
+"""Largest ``images`` array read from an ``.npz`` (after ``--limit``); it is held in memory."""
+MAX_BATCH_BYTES = 1 << 30
+"""Batches are cut so that one batch's model input stays under this many bytes."""
+MIN_IMAGES = contextvars.ContextVar("scanner_min_images", default=1)
+"""Default minimum of usable images for an ImageSet (the CLI's ``--min-images``)."""
 
 
 @dataclass
@@ -68,10 +91,12 @@ class Preprocess:
             mean = tuple(float(v) for v in np.atleast_1d(d["mean"]))
             std = tuple(float(v) for v in np.atleast_1d(d["std"]))
             scale = float(d["scale"])
-        except (TypeError, ValueError) as exc:
-            raise ScannerError(f"bad preprocessing value ({exc})", source) from exc
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ScannerError(f"bad preprocessing value ({exc})", source) from None
         if len(size) != 2 or min(size) < 1 or max(size) > 16384:
             raise ScannerError(f"preprocessing 'size' must be [H, W] with 1 <= H, W <= 16384, got {d['size']}", source)
+        if size[0] * size[1] * (1 if d["color"] == "gray" else 3) > MAX_INPUT_ELEMENTS:
+            raise ScannerError(f"preprocessing 'size' {list(size)} is too large (over {MAX_INPUT_ELEMENTS} values per image)", source)
         if d["color"] not in COLORS:
             raise ScannerError(f"preprocessing 'color' must be one of {', '.join(COLORS)}, got {d['color']!r}", source)
         if d["layout"] not in LAYOUTS:
@@ -124,29 +149,103 @@ def default_preprocess(shape, dtype):
     )
 
 
-def resolve_preprocess(shape, dtype, metadata=None, override=None):
-    """Preprocessing from the model input, then its ``scanner.preprocess`` metadata, then a file."""
-    pre = default_preprocess(shape, dtype)
+def resolve_preprocess(shape, dtype, metadata=None, override=None, source=None):
+    """Preprocessing from the model input, then its ``scanner.preprocess`` metadata, then a file.
+
+    The result must fit the model input's fixed dimensions and dtype; ``source`` (the model file) is named
+    in errors about the model's own metadata.
+    """
+    try:
+        pre = default_preprocess(shape, dtype)
+    except ScannerError as exc:
+        raise ScannerError(str(exc), source) from None
     if metadata and "scanner.preprocess" in metadata:
         try:
             values = json.loads(metadata["scanner.preprocess"])
         except ValueError as exc:
-            raise ScannerError(f"model metadata 'scanner.preprocess' is not valid JSON ({exc})") from exc
-        pre = pre.updated(values, "model metadata scanner.preprocess")
+            raise ScannerError(f"model metadata 'scanner.preprocess' is not valid JSON ({exc})", source) from None
+        try:
+            pre = pre.updated(values, "model metadata scanner.preprocess")
+        except ScannerError as exc:
+            raise ScannerError(str(exc), source) from None
     if override is not None:
         path = Path(override)
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ScannerError("preprocessing file not found", path) from None
-        except (ValueError, UnicodeDecodeError, OSError) as exc:
-            raise ScannerError(f"cannot read preprocessing JSON ({exc})", path) from exc
+        except (ValueError, UnicodeDecodeError, OSError, RecursionError) as exc:
+            raise ScannerError(f"cannot read preprocessing JSON ({str(exc)[:160]})", path) from None
         pre = pre.updated(values, path)
+    _check_fits(pre, shape, dtype, path if override is not None else source)
     return pre
 
 
+def _check_fits(pre, shape, dtype, source):
+    """Raise when ``pre`` gives tensors the model input (fixed dims, dtype) cannot take."""
+    dims = list(shape)
+    if pre.layout == "NCHW":
+        want = {"channels": dims[1], "height": dims[2], "width": dims[3]}
+    else:
+        want = {"height": dims[1], "width": dims[2], "channels": dims[3]}
+    got = {"channels": pre.channels, "height": pre.size[0], "width": pre.size[1]}
+    for key, value in want.items():
+        if isinstance(value, int) and value > 0 and value != got[key]:
+            raise ScannerError(
+                f"preprocessing ({pre.layout}, {pre.color}, size {list(pre.size)}) gives {key} {got[key]} but the model "
+                f"input {dims} needs {value}", source)
+    if np.dtype(dtype).name in DTYPES and pre.dtype != np.dtype(dtype).name:
+        raise ScannerError(f"preprocessing dtype {pre.dtype} does not match the model input dtype {np.dtype(dtype).name}", source)
+
+
+def image_dimensions(data):
+    """(width, height) from a PNG, JPEG, BMP, GIF or WebP header, or None when not recognized."""
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        if data[:2] == b"BM" and len(data) >= 26:
+            w, h = struct.unpack("<ii", data[18:26])
+            return abs(w), abs(h)
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            return struct.unpack("<HH", data[6:10])
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            kind = data[12:16]
+            if kind == b"VP8X":
+                return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+            if kind == b"VP8L":
+                bits = int.from_bytes(data[21:25], "little")
+                return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+            if kind == b"VP8 ":
+                w, h = struct.unpack("<HH", data[26:30])
+                return w & 0x3FFF, h & 0x3FFF
+        if data[:2] == b"\xff\xd8":
+            i = 2
+            while i + 9 < len(data):
+                if data[i] != 0xFF:
+                    return None
+                marker = data[i + 1]
+                if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                    i += 1 if marker == 0xFF else 2
+                    continue
+                length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                    h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+                    return w, h
+                i += 2 + length
+    except struct.error:
+        return None
+    return None
+
+
 def decode_image(data, pre):
-    """Decode encoded image bytes to (H, W, C) uint8 at ``pre``'s size and color; None if undecodable."""
+    """Decode encoded image bytes to (H, W, C) uint8 at ``pre``'s size and color; None if undecodable.
+
+    Raises ValueError for an image whose header declares more than :data:`MAX_IMAGE_PIXELS` pixels or whose
+    channel count is not 1-4 (before anything big is allocated).
+    """
+    dims = image_dimensions(data)
+    if dims is not None and dims[0] * dims[1] > MAX_IMAGE_PIXELS:
+        raise ValueError(f"image is {dims[0]}x{dims[1]} pixels, over the limit of {MAX_IMAGE_PIXELS} (decompression bomb?)")
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         return None
@@ -155,6 +254,8 @@ def decode_image(data, pre):
 
 def conform(img, pre, bgr=False):
     """An (H, W[, C]) image (BGR order if ``bgr`` else RGB) -> (H, W, C) uint8 at ``pre``'s size and color."""
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 2, 3, 4)) or min(img.shape[:2]) < 1:
+        raise ValueError(f"unsupported image shape {img.shape} (expected H x W with 1-4 channels)")
     if img.dtype == np.uint16:
         img = (img // 257).astype(np.uint8)
     elif img.dtype != np.uint8:
@@ -197,41 +298,49 @@ class ImageSet:
     the number of images. Unreadable files are counted in :attr:`skipped`, never silently dropped.
     """
 
-    def __init__(self, path, labeled=None, limit=None, min_images=1):
+    def __init__(self, path, labeled=None, limit=None, min_images=None):
         self.path = Path(path)
-        self.min_images = int(min_images)
+        self.min_images = int(MIN_IMAGES.get() if min_images is None else min_images)
+        if self.min_images < 1:
+            raise ScannerError(f"--min-images must be >= 1, got {self.min_images}")
         self.skipped = []  # (name, reason)
+        self._warned = False
         self._lock = threading.Lock()
         self._npz = None
+        if limit is not None and int(limit) < 1:
+            raise ScannerError(f"--limit must be >= 1, got {limit}")
         if not self.path.exists():
             raise ScannerError("image folder or file not found", self.path)
         if self.path.is_file():
             if self.path.suffix.lower() != ".npz":
                 raise ScannerError("expected a folder of images or an .npz file", self.path)
-            self._open_npz()
+            self._open_npz(limit)
             self.kind = "npz"
         else:
             self._list_folder(labeled)
         if limit is not None:
-            if int(limit) < 1:
-                raise ScannerError(f"--limit must be >= 1, got {limit}")
             self.names = self.names[: int(limit)]
             if self.labels is not None:
                 self.labels = self.labels[: int(limit)]
         if not self.names:
             raise ScannerError("no images found (looked for " + ", ".join(sorted(IMAGE_EXTENSIONS)[:6]) + ", ...)", self.path)
+        if len(self.names) < self.min_images:
+            raise ScannerError(f"only {len(self.names)} image file(s), at least {self.min_images} needed (--min-images)", self.path)
         if labeled and self.labels is None:
             raise ScannerError("labels needed: use a folder DIR/<class index>/... or an .npz with 'labels'", self.path)
 
-    def _open_npz(self):
+    def _open_npz(self, limit=None):
         try:
-            npz = np.load(self.path, allow_pickle=False)
-            images = npz["images"]
-            labels = npz["labels"] if "labels" in npz.files else None
-        except KeyError:
-            raise ScannerError("an .npz image set needs an array named 'images'", self.path) from None
-        except Exception as exc:  # zipfile / format errors
-            raise ScannerError(f"cannot read .npz ({type(exc).__name__}: {exc})", self.path) from exc
+            with zipfile.ZipFile(self.path) as zf:
+                members = set(zf.namelist())
+                if "images.npy" not in members:
+                    raise ScannerError("an .npz image set needs an array named 'images'", self.path)
+                images = _read_npy(zf, "images.npy", limit, self.path)
+                labels = _read_npy(zf, "labels.npy", limit, self.path) if "labels.npy" in members else None
+        except ScannerError:
+            raise
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as exc:
+            raise ScannerError(f"cannot read .npz ({type(exc).__name__}: {str(exc)[:160]})", self.path) from None
         if images.ndim not in (3, 4) or images.dtype != np.uint8 or (images.ndim == 4 and images.shape[3] not in (1, 3, 4)):
             raise ScannerError(f"'images' must be uint8 (N, H, W[, C]) with C in 1/3/4, got {images.dtype} {images.shape}", self.path)
         if labels is not None and (labels.ndim != 1 or len(labels) != len(images) or labels.dtype.kind not in "iu"):
@@ -297,8 +406,11 @@ class ImageSet:
             return self._skip(name, f"cannot read ({exc.strerror})")
         try:
             img = decode_image(data, pre)
+        except ValueError as exc:
+            return self._skip(name, str(exc))
         except cv2.error as exc:
-            return self._skip(name, f"cannot decode ({str(exc).strip().splitlines()[-1][:80]})")
+            reason = "over the pixel limit (decompression bomb?)" if "CV_IO_MAX_IMAGE" in str(exc) else "OpenCV cannot decode it"
+            return self._skip(name, reason)
         if img is None:
             return self._skip(name, "not a decodable image (corrupt or truncated)")
         return img
@@ -315,6 +427,10 @@ class ImageSet:
         """
         if batch_size < 1:
             raise ScannerError(f"--batch-size must be >= 1, got {batch_size}")
+        per_image = pre.size[0] * pre.size[1] * pre.channels * max(4, np.dtype(pre.dtype).itemsize)
+        if batch_size * per_image > MAX_BATCH_BYTES:
+            batch_size = max(1, MAX_BATCH_BYTES // per_image)
+            log.info("%s: batches of %d images keep the model input under %d MiB", self.path, batch_size, MAX_BATCH_BYTES >> 20)
         self.skipped = [s for s in self.skipped if s[1] == "not an image file extension" or s[1].startswith("cannot list")]
         starts = range(0, len(self.names), batch_size)
         usable = 0
@@ -343,12 +459,17 @@ class ImageSet:
         self.check_usable(usable)
 
     def check_usable(self, usable):
-        """Report skipped files on the log; raise when fewer than ``min_images`` were usable."""
-        if self.skipped:
-            first = ", ".join(f"{n} ({r})" for n, r in self.skipped[:3])
-            log.warning("%s: skipped %d file(s): %s%s", self.path, len(self.skipped), first, " ..." if len(self.skipped) > 3 else "")
+        """Name skipped files in one warning (once per set); raise when fewer than ``min_images`` were usable.
+
+        The error carries the skip summary itself, so a failed run prints one line.
+        """
+        first = ", ".join(f"{n} ({r})" for n, r in self.skipped[:3]) + (" ..." if len(self.skipped) > 3 else "")
         if usable < self.min_images:
-            raise ScannerError(f"only {usable} usable image(s), at least {self.min_images} needed ({len(self.skipped)} skipped)", self.path)
+            detail = f": skipped {len(self.skipped)} file(s): {first}" if self.skipped else ""
+            raise ScannerError(f"only {usable} usable image(s), at least {self.min_images} needed{detail}", self.path)
+        if self.skipped and not self._warned:
+            self._warned = True
+            log.warning("%s: skipped %d file(s): %s", self.path, len(self.skipped), first)
 
     def load_all(self, pre, batch_size=256):
         """All usable images at once (for small sets such as the defender's clean sample)."""
@@ -356,6 +477,38 @@ class ImageSet:
         pixels = np.concatenate([b.pixels for b in parts])
         labels = np.concatenate([b.labels for b in parts]) if self.labels is not None else None
         return Batch(pixels, [n for b in parts for n in b.names], labels)
+
+
+def _read_npy(zf, member, limit, path):
+    """The first ``limit`` rows of one array of an ``.npz``, its size checked from the header before reading."""
+    with zf.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ScannerError(f"{member}: unsupported .npy format version {version}", path)
+        if dtype.hasobject or not shape:
+            raise ScannerError(f"{member}: expected a numeric array, got {dtype} {shape}", path)
+        if fortran and len(shape) > 1:
+            raise ScannerError(f"{member}: Fortran-ordered arrays are not supported (save with C order)", path)
+        rows = min(shape[0], int(limit)) if limit is not None else shape[0]
+        per_row = int(np.prod(shape[1:], dtype=object)) if len(shape) > 1 else 1
+        if len(shape) >= 3 and shape[1] * shape[2] > MAX_IMAGE_PIXELS:
+            raise ScannerError(f"{member}: images of {shape[1]}x{shape[2]} pixels are over the limit of {MAX_IMAGE_PIXELS}", path)
+        nbytes = rows * per_row * dtype.itemsize
+        if nbytes > MAX_NPZ_BYTES:
+            raise ScannerError(f"{member}: {nbytes >> 20} MiB is over the {MAX_NPZ_BYTES >> 20} MiB limit for an .npz (use --limit, or a folder)", path)
+        buf = bytearray(nbytes)
+        view = memoryview(buf)
+        got = 0
+        while got < nbytes:
+            n = f.readinto(view[got:])
+            if not n:
+                raise ScannerError(f"{member}: truncated ({got} of {nbytes} bytes)", path)
+            got += n
+    return np.frombuffer(buf, dtype).reshape((rows,) + tuple(shape[1:]))
 
 
 class MemoryImageSet:

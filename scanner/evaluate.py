@@ -37,8 +37,8 @@ def attack_success(preds, labels, target):
 def evaluate_model(model, images, trigger=None, target=None, device="auto", batch_size=64, threads=None, preprocess=None):
     """Metrics of one model on a labeled ImageSet: clean accuracy, and ASR with a trigger and target."""
     model = model if isinstance(model, ModelFile) else load_model(model)
-    pre = resolve_preprocess(model.input.shape, model.input.dtype, model.metadata, preprocess)
-    session = Session(model.proto, device, threads)
+    pre = resolve_preprocess(model.input.shape, model.input.dtype, model.metadata, preprocess, source=model.path)
+    session = Session(model.proto, device, threads, source=model.path)
     start = time.perf_counter()
     preds, labels = predict(session, pre, images, None, batch_size, "clean")
     out = {"model": str(model.path), "sha256": model.sha256, "images": int(len(preds)), "provider": session.provider}

@@ -8,7 +8,7 @@ from scanner.model import load_model
 def inspect_model(path, preprocess=None):
     """JSON-ready facts about a model and its neuron layers."""
     model = load_model(path)
-    pre = resolve_preprocess(model.input.shape, model.input.dtype, model.metadata, preprocess)
+    pre = resolve_preprocess(model.input.shape, model.input.dtype, model.metadata, preprocess, source=model.path)
     layers = discover(model.proto)
     return {
         "schema": "scanner.inspect/1",

@@ -14,7 +14,10 @@ from scanner.errors import ScannerError
 
 SUPPORTED_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
 MAX_PROTO_BYTES = 2**31 - 1
-MAX_INPUT_ELEMENTS = 1 << 28
+MAX_INPUT_ELEMENTS = 1 << 26
+"""Largest image input (elements per image) accepted: 3 x 4729 x 4729; a classifier input beyond is absurd."""
+_FLOATS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64}
+_SUB_BYTE = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(onnx.TensorProto, n)}
 
 
 @dataclass
@@ -77,25 +80,33 @@ def tensor_info(value_info):
     try:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
     except (KeyError, TypeError, ValueError):
-        dtype = onnx.TensorProto.DataType.Name(t.elem_type).lower()
+        try:
+            dtype = onnx.TensorProto.DataType.Name(t.elem_type).lower()
+        except ValueError:  # a number no ONNX type has
+            dtype = f"unknown type {t.elem_type}"
     return TensorInfo(value_info.name, shape, dtype)
+
+
+def _tensors(proto):
+    """Initializers and Constant-node tensors of the main graph."""
+    tensors = list(proto.graph.initializer)
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                tensors.append(attr.t)
+    return tensors
 
 
 def _external_locations(proto, base):
     """Check every external-data location stays inside the model's folder; return the relative paths."""
     locations = []
     base_real = os.path.realpath(base)
-    tensors = list(proto.graph.initializer)
-    for node in proto.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                tensors.append(attr.t)
-    for t in tensors:
+    for t in _tensors(proto):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in t.external_data}
         loc = info.get("location", "")
-        if not loc or os.path.isabs(loc) or Path(loc).drive or ".." in Path(loc).parts:
+        if not loc or os.path.isabs(loc) or Path(loc).drive or ".." in Path(loc).parts or "\\" in loc or "\0" in loc:
             raise ScannerError(f"external data location {loc!r} of tensor {t.name!r} is outside the model's folder; refused")
         real = os.path.realpath(os.path.join(base, loc))
         if os.path.commonpath([real, base_real]) != base_real:
@@ -105,6 +116,56 @@ def _external_locations(proto, base):
         if loc not in locations:
             locations.append(loc)
     return locations
+
+
+def _nbytes(t):
+    """Bytes a tensor's data takes, or None for types without a fixed item size."""
+    if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    n = int(np.prod([int(d) for d in t.dims], dtype=object)) if len(t.dims) else 1
+    if t.data_type in _SUB_BYTE:
+        return (n + 1) // 2
+    return n * item
+
+
+def _load_external_data(proto, base):
+    """Read every external tensor into the proto, checking offset, length and finiteness first."""
+    for t in _tensors(proto):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info["location"]
+        try:
+            offset = int(info.get("offset") or 0)
+            length = int(info["length"]) if info.get("length") not in (None, "") else None
+        except ValueError:
+            raise ScannerError(f"external data of tensor {t.name!r} has a non-integer offset or length") from None
+        path = os.path.join(base, loc)
+        size = os.path.getsize(path)
+        expected = _nbytes(t)
+        if length is None:
+            length = expected if expected is not None else size - offset
+        if offset < 0 or length < 0:
+            raise ScannerError(f"external data of tensor {t.name!r} has a negative offset or length")
+        if expected is not None and length != expected:
+            raise ScannerError(f"external data of tensor {t.name!r}: length {length} does not match its shape {list(t.dims)} ({expected} bytes)")
+        if offset + length > size:
+            raise ScannerError(f"external data file {loc!r} is too short for tensor {t.name!r} (needs {offset + length} bytes, has {size})")
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+        if len(data) != length:
+            raise ScannerError(f"external data file {loc!r} ended early while reading tensor {t.name!r}")
+        if t.data_type in _FLOATS:
+            _check_finite(np.frombuffer(data, _FLOATS[t.data_type]), t.name)
+        t.raw_data = data
+        del data
+        t.data_location = onnx.TensorProto.DEFAULT
+        del t.external_data[:]
 
 
 def load_model(path):
@@ -155,13 +216,8 @@ def _load(path):
     if custom:
         raise ScannerError(f"uses custom operator domain {custom[0]!r}, which onnxruntime cannot run without its library")
     external = _external_locations(proto, path.parent)
-    if external:
-        try:
-            onnx.load_external_data_for_model(proto, str(path.parent))
-        except Exception as exc:
-            raise ScannerError(f"cannot read external data ({exc})") from None
     try:
-        if external or proto.ByteSize() > MAX_PROTO_BYTES:
+        if external:
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(proto)
@@ -170,7 +226,14 @@ def _load(path):
         raise ScannerError(f"invalid ONNX model: {first[:200]}") from None
     inputs = _image_input(proto)
     outputs = [tensor_info(o) for o in proto.graph.output]
+    if not outputs:
+        raise ScannerError("model has no outputs")
     _check_weights(proto)
+    if external:
+        try:
+            _load_external_data(proto, str(path.parent))
+        except OSError as exc:
+            raise ScannerError(f"cannot read external data ({exc.strerror or exc})") from None
     metadata = {p.key: p.value for p in proto.metadata_props}
     return ModelFile(path, proto, sha256_file(path), inputs, outputs, opset, metadata, external)
 
@@ -192,13 +255,36 @@ def _image_input(proto):
     return inp
 
 
+def _check_finite(values, name, chunk=1 << 24):
+    """Raise when a flat float array holds NaN or Inf (checked in chunks: no full-size temporary)."""
+    for s in range(0, values.size, chunk):
+        if not np.isfinite(values[s : s + chunk]).all():
+            raise ScannerError(f"weight {name!r} contains NaN or Inf")
+
+
 def _check_weights(proto):
-    for t in proto.graph.initializer:
-        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+    """Every tensor held in the file has as much data as its shape says, and no float one holds NaN/Inf.
+
+    External tensors are checked when they are read (:func:`_load_external_data`).
+    """
+    tensors = _tensors(proto) + [s.values for s in proto.graph.sparse_initializer]
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
             continue
-        arr = numpy_helper.to_array(t)
-        if arr.size and not np.all(np.isfinite(arr)):
-            raise ScannerError(f"weight {t.name!r} contains NaN or Inf")
+        if t.raw_data:
+            raw = t.raw_data
+            expected = _nbytes(t)
+            if expected is not None and len(raw) != expected:
+                raise ScannerError(f"weight {t.name!r}: {len(raw)} bytes of data do not match its shape {list(t.dims)}")
+            if t.data_type in _FLOATS:
+                _check_finite(np.frombuffer(raw, _FLOATS[t.data_type]), t.name)
+            continue
+        try:
+            arr = numpy_helper.to_array(t)
+        except Exception as exc:  # noqa: BLE001 - malformed tensor: wrong element count for its dims, bad type
+            raise ScannerError(f"weight {t.name!r} cannot be read ({' '.join(str(exc).split())[:120]})") from None
+        if t.data_type in _FLOATS:
+            _check_finite(np.asarray(arr, np.float64).reshape(-1), t.name)
 
 
 def read_metadata_json(model, key):

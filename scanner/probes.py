@@ -14,7 +14,7 @@ class Probe:
         self.trigger, self.images, self.source = trigger, images, source
 
     @classmethod
-    def open(cls, path, limit=None, min_images=1):
+    def open(cls, path, limit=None, min_images=None):
         """A trigger JSON file or a folder / .npz of images that already carry a trigger."""
         path = Path(path)
         if path.is_file() and path.suffix.lower() == ".json":

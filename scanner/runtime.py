@@ -29,7 +29,7 @@ def ort():
                 onnxruntime.preload_dlls()
             except Exception as exc:  # best effort; the provider check below is what counts
                 log.debug("preload_dlls failed: %s", exc)
-        onnxruntime.set_default_logger_severity(3)
+        onnxruntime.set_default_logger_severity(4)  # errors come back as exceptions: no log lines on stderr
         _ORT = onnxruntime
     return _ORT
 
@@ -41,12 +41,13 @@ class Session:
     exported with a fixed batch size.
     """
 
-    def __init__(self, model, device="auto", threads=None):
+    def __init__(self, model, device="auto", threads=None, source=None):
         rt = ort()
+        self.source = source if source is not None else (model if isinstance(model, (str, os.PathLike)) else None)
         if device not in DEVICES:
             raise ScannerError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
         opts = rt.SessionOptions()
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
@@ -57,12 +58,12 @@ class Session:
         providers = ["CPUExecutionProvider"]
         if want_cuda:
             providers = [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}), "CPUExecutionProvider"]
-        self.session = self._create(model, opts, providers)
+        self.session = self._create(model, opts, providers, self.source)
         self.provider = self.session.get_providers()[0]
         if want_cuda and self.provider != "CUDAExecutionProvider":
             if device == "cuda":
                 raise ScannerError("--device cuda: onnxruntime fell back to CPU (no usable GPU or CUDA libraries)")
-            self.session = self._create(model, opts, ["CPUExecutionProvider"])
+            self.session = self._create(model, opts, ["CPUExecutionProvider"], self.source)
             self.provider = "CPUExecutionProvider"
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         inputs = self.session.get_inputs()
@@ -70,26 +71,26 @@ class Session:
         batch = inputs[0].shape[0]
         self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._run_options = rt.RunOptions()
+        self._run_options.log_severity_level = 4
 
     @staticmethod
-    def _create(model, opts, providers):
+    def _create(model, opts, providers, source=None):
         rt = ort()
         try:
             if isinstance(model, (str, os.PathLike)):
                 return rt.InferenceSession(str(model), opts, providers=providers)
-            if model.ByteSize() < 2**31 - 1:
-                return rt.InferenceSession(model.SerializeToString(), opts, providers=providers)
-            import onnx
-
-            with tempfile.TemporaryDirectory(prefix="scanner-") as tmp:
-                path = os.path.join(tmp, "model.onnx")
-                onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
-                return rt.InferenceSession(path, opts, providers=providers)
+            data = _serialize(model)
+            if data is not None:
+                return rt.InferenceSession(data, opts, providers=providers)
+            return _session_via_file(rt, model, opts, providers)
         except ScannerError:
             raise
+        except MemoryError:
+            raise ScannerError("onnxruntime ran out of memory loading the model", source) from None
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ScannerError(f"onnxruntime cannot load the model: {first[:240]}") from None
+            raise ScannerError(f"onnxruntime cannot load the model: {first[:240]}", source) from None
 
     def run(self, x, outputs=None, feeds=None):
         """Run on image tensor ``x``; return ``{output name: array}`` for ``outputs`` (default all)."""
@@ -104,11 +105,38 @@ class Session:
             if pad:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
             try:
-                res = self.session.run(names, {self.input_name: chunk, **feeds})
+                res = self.session.run(names, {self.input_name: chunk, **feeds}, self._run_options)
             except Exception as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ScannerError(f"onnxruntime failed to run the model: {first[:240]}") from None
+                raise ScannerError(f"onnxruntime failed to run the model: {first[:240]}", self.source) from None
             parts.append([r[: len(r) - pad] if pad else r for r in res])
         if len(parts) == 1:
             return dict(zip(names, parts[0]))
         return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
+
+
+def _serialize(model):
+    """The model's bytes, or None when it is over the 2 GB protobuf limit."""
+    try:
+        if model.ByteSize() >= 2**31 - 1:
+            return None
+        return model.SerializeToString()
+    except Exception:  # noqa: BLE001 - protobuf EncodeError "Failed to serialize proto": over 2 GB
+        return None
+
+
+def _session_via_file(rt, model, opts, providers):
+    """A session for a model over 2 GB: saved with external data to a temp folder, opened by path.
+
+    ``onnx.save`` moves the weights out of the proto in place; they are read back before returning, so
+    the caller's proto is unchanged.
+    """
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="scanner-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        try:
+            onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
+            return rt.InferenceSession(path, opts, providers=providers)
+        finally:
+            onnx.load_external_data_for_model(model, tmp)

@@ -48,13 +48,14 @@ class Instrument:
 
     def __init__(self, model, layers="last", device="auto", threads=None, preprocess=None, masks=False, features=()):
         self.model = model if isinstance(model, ModelFile) else load_model(model)
-        self.preprocess = resolve_preprocess(self.model.input.shape, self.model.input.dtype, self.model.metadata, preprocess)
+        self.preprocess = resolve_preprocess(self.model.input.shape, self.model.input.dtype, self.model.metadata, preprocess,
+                                             source=self.model.path)
         self.all_layers = discover(self.model.proto)
         self.layers = select(self.all_layers, layers)
         self.instrumented = instrument(self.model.proto, self.layers, masks=masks, features=features)
         self.slices = [self.instrumented.slices[l.id] for l in self.layers]
         self.channels = sum(hi - lo for lo, hi in self.slices)
-        self.session = Session(self.instrumented.model, device=device, threads=threads)
+        self.session = Session(self.instrumented.model, device=device, threads=threads, source=self.model.path)
         self.logits = self.model.outputs[0].name
 
     def masks_feed(self, masks=None):

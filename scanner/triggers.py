@@ -108,10 +108,16 @@ class Trigger:
             raise ScannerError("trigger file not found", path)
         try:
             spec = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ScannerError(f"not a valid trigger JSON file ({exc})", path) from exc
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise ScannerError(f"not a valid trigger JSON file ({str(exc)[:160]})", path) from None
         if not isinstance(spec, dict) or "kind" not in spec or "image" not in spec:
             raise ScannerError("a trigger file needs the keys 'kind' and 'image'", path)
+        if not isinstance(spec["image"], str) or not isinstance(spec.get("mask", ""), (str, type(None))):
+            raise ScannerError("trigger 'image' and 'mask' must be file names (strings)", path)
+        try:
+            margin, alpha = int(spec.get("margin", 0)), float(spec.get("alpha", 0.2))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ScannerError(f"bad trigger value ({exc})", path) from None
         base = path.parent
         image = read_image(base / spec["image"], "trigger image")
         mask = None
@@ -122,8 +128,8 @@ class Trigger:
             kind=spec["kind"],
             image=image,
             position=spec.get("position", "bottom-right"),
-            margin=int(spec.get("margin", 0)),
-            alpha=float(spec.get("alpha", 0.2)),
+            margin=margin,
+            alpha=alpha,
             mask=mask,
             source=str(path),
             extra={k: v for k, v in spec.items() if k not in known},
