@@ -2,15 +2,22 @@
 
 images/s of (a) plain onnxruntime inference, (b) scanner's instrumented model (l-inf, l1, l2 of every layer,
 `--layers all`), (c) PyTorch forward hooks reducing the same norms on device and copying only (N, C) (where
-torch is installed), for a zoo model and torchvision resnet18 / resnet50 (random weights, 224x224); plus the
-peak memory of `scanner scan --layers all` on 1,000 vs 10,000 images.
+torch is installed), for a zoo model and torchvision resnet18 / resnet50 / vit_b_16 (random weights, 224x224); plus
+the peak memory of `scanner scan --layers all` on 1,000 vs 10,000 images, and with ``--surgery MODEL`` the time of
+``scanner.surgery.prune`` of 10% of the channels of every (zero-preserving) layer plus ``onnx.save``.
 
-    python benchmarks/bench_scan.py [--device cpu|cuda] [--models zoo,resnet18,resnet50] [--seconds 5]
+    python benchmarks/bench_scan.py [--device cpu|cuda] [--models zoo,resnet18,resnet50,vit_b_16] [--seconds 5]
+        [--batch 32] [--images 128] [--surgery resnet50] [--no-memory]
+
+For vit_b_16 the layers are the patch conv, the MLP Gemm/MatMul layers (norms over tokens) and the head; the
+torch hooks reduce Linear outputs over tokens the same way.
 
 torchvision models need `pip install torch==2.14.1 torchvision==0.29.1` (dev only).
 """
 
 import argparse
+import copy
+import gc
 import json
 import os
 import platform
@@ -52,6 +59,8 @@ def torch_hooks(net, device):
         a = out.detach()
         if a.dim() == 4:
             sink.append(torch.stack([a.abs().amax((2, 3)), a.abs().sum((2, 3)), a.pow(2).sum((2, 3)).sqrt()]).cpu())
+        elif a.dim() == 3:  # (N, tokens, C)
+            sink.append(torch.stack([a.abs().amax(1), a.abs().sum(1), a.pow(2).sum(1).sqrt()]).cpu())
         else:
             sink.append(a.abs().cpu())
 
@@ -104,6 +113,28 @@ def build(name, tmp):
     return path, net, (3, 224, 224)
 
 
+def surgery(name, tmp, ratio=0.1):
+    """Seconds to discover layers, prune ``ratio`` of the channels of every zero-preserving layer, and save."""
+    from scanner.layers import discover
+    from scanner.surgery import prune
+
+    path, _, _ = build(name, tmp)
+    model = onnx.load(str(path))
+    t0 = time.perf_counter()
+    layers = discover(model)
+    t1 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    plan = {l.id: rng.choice(l.channels, max(1, int(l.channels * ratio)), replace=False).tolist()
+            for l in layers if l.zero_preserving}  # fmt: skip
+    pruned = prune(model, plan, layers)
+    t2 = time.perf_counter()
+    onnx.save(pruned, str(Path(tmp) / f"{name}.pruned.onnx"))
+    t3 = time.perf_counter()
+    return {"model": name, "layers_pruned": len(plan), "channels_pruned": sum(len(v) for v in plan.values()),
+            "discover_s": round(t1 - t0, 2), "prune_s": round(t2 - t1, 2), "save_s": round(t3 - t2, 2),
+            "total_s": round(t3 - t0, 2)}  # fmt: skip
+
+
 def peak_rss(args):
     """Peak RSS (MiB) of a child process."""
     code = ("import resource, sys, runpy; sys.argv = ['scanner'] + %r; "
@@ -135,14 +166,17 @@ def main():
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--batch", type=int, default=32, help="batch size for torchvision models")
+    ap.add_argument("--images", type=int, default=0, help="images per timed pass (default 4 batches)")
+    ap.add_argument("--surgery", default="", help="also time pruning 10%% of every layer's channels of this model")
     args = ap.parse_args()
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
                "command": "python benchmarks/bench_scan.py " + " ".join(sys.argv[1:]), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             path, net, shape = build(name, tmp)
-            batch = 256 if name == "zoo" else 32
-            x = np.random.RandomState(0).randn(batch * 4, *shape).astype(np.float32)
+            batch = 256 if name == "zoo" else args.batch
+            x = np.random.RandomState(0).randn(args.images or batch * 4, *shape).astype(np.float32)
             plain = Session(onnx.load(str(path)), args.device)
             inst = Instrument(str(path), "all", args.device)
             outs = [inst.logits] + [inst.instrumented.norm_outputs[k] for k in NORMS]
@@ -156,18 +190,24 @@ def main():
                 torch.set_num_threads(os.cpu_count())
                 dev = "cuda" if args.device == "cuda" else "cpu"
                 runs["torch_plain"] = torch_plain(net.to(dev), dev)
-                runs["torch_hooks"] = torch_hooks(net, dev)
+                runs["torch_hooks"] = torch_hooks(copy.deepcopy(net), dev)  # a copy: plain must run without hooks
             samples = {k: [] for k in runs}
             for _ in range(args.rounds):  # interleaved, so load changes hit every variant alike
                 for k, fn in runs.items():
                     samples[k].append(rate(fn, x, batch, args.seconds / args.rounds))
-            r = {k: round(float(np.median(v)), 1) for k, v in samples.items()}
-            r["scanner_over_plain"] = round(r["scanner"] / r["plain"], 3)
-            if "torch_hooks" in r:
-                r["torch_hooks_over_plain"] = round(r["torch_hooks"] / r["plain"], 3)
+            med = {k: float(np.median(v)) for k, v in samples.items()}
+            r = {k: round(v, 2) for k, v in med.items()}
+            r["scanner_over_plain"] = round(med["scanner"] / med["plain"], 3)  # from unrounded rates
+            if "torch_hooks" in med:
+                r["torch_hooks_over_plain"] = round(med["torch_hooks"] / med["plain"], 3)
             r.update(layers=len(inst.layers), channels=inst.channels, batch=batch, provider=inst.session.provider)
             results["models"][name] = r
             print(name, json.dumps(r), file=sys.stderr)
+            del plain, inst, runs, net
+            gc.collect()
+        if args.surgery:
+            results["surgery"] = surgery(args.surgery, tmp)
+            print("surgery", json.dumps(results["surgery"]), file=sys.stderr)
         if not args.no_memory:
             results["peak_rss_mib_scan_all_layers"] = memory(tmp)
     print(json.dumps(results, indent=1))

@@ -115,21 +115,31 @@ class GraphIndex:
         self.value_info = _infer(model) if infer else {}
 
     def const(self, name):
-        """The value of a constant tensor (initializer, Constant node, through Identity), else None."""
-        seen = 0
+        """The value of a constant tensor (initializer, Constant node, through Identity and Transpose), else None.
+
+        A Transpose of a constant is how the legacy exporter without constant folding feeds MatMul weights."""
+        seen, perms = 0, []
         while name and seen < 64:
             if name in self.initializers:
-                return numpy_helper.to_array(self.initializers[name])
+                value = numpy_helper.to_array(self.initializers[name])
+                break
             i = self.producer.get(name)
             if i is None:
                 return None
             node = self.nodes[i]
             if node.op_type == "Constant":
-                return constant_value(node)
-            if node.op_type != "Identity":
+                value = constant_value(node)
+                break
+            if node.op_type == "Transpose":
+                perms.append(self.attr(node, "perm"))
+            elif node.op_type != "Identity":
                 return None
             name, seen = node.input[0], seen + 1
-        return None
+        else:
+            return None
+        for perm in reversed(perms):  # innermost Transpose first
+            value = None if value is None else np.transpose(value, perm)
+        return value
 
     def shape(self, name):
         """Inferred dims (int, or None where unknown) of a tensor, or None when its rank is unknown."""
@@ -137,6 +147,18 @@ class GraphIndex:
         if vi is None or not vi.type.tensor_type.HasField("shape"):
             return None
         return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+
+    def dims(self, name):
+        """Inferred dims of a tensor: int, a symbol name, or None where unknown; None when the rank is unknown.
+
+        Symbols onnx invents for unknown dims (``unk__N``) count as unknown."""
+        vi = self.value_info.get(name)
+        if vi is None or not vi.type.tensor_type.HasField("shape"):
+            return None
+        return [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param if d.dim_param and not d.dim_param.startswith("unk__") else None)
+            for d in vi.type.tensor_type.shape.dim
+        ]
 
     def elem_type(self, name, default=onnx.TensorProto.FLOAT):
         """Inferred element type of a tensor."""
@@ -214,19 +236,55 @@ def _bias_add(gi, node, slot, channels):
     return b is not None and b.ndim >= 1 and b.shape[-1] == channels and b.size == channels
 
 
-def _silu(gi, cur):
-    """(sigmoid index, mul index) if ``cur`` feeds exactly Sigmoid(cur) and Mul(cur, Sigmoid(cur)), else None."""
+GATE_OPS = ("Sigmoid", "HardSigmoid", "Erf", "Tanh", "Clip", "Div", "Mul", "Add", "Sub")
+"""Elementwise ops of a gate g(x) in a gated activation x * g(x) (SiLU, decomposed HardSwish and GELU)."""
+
+
+def _gated(gi, cur):
+    """Node indices of a gated activation ``x * g(x)`` on ``cur`` (then an optional scalar Mul), else None.
+
+    ``cur`` must feed exactly the gate and the Mul; the gate is a single-consumer chain of GATE_OPS whose other
+    inputs are constants: SiLU ``x*Sigmoid(x)``, HardSwish ``x*HardSigmoid(x)``, GELU ``x*0.5*(1+Erf(x/sqrt2))``.
+    Such an activation maps 0 to 0 (g(0) is finite)."""
     cons = gi.consumers.get(cur, [])
-    if len(cons) != 2:
+    if len(cons) != 2 or any(slot < 0 for _, slot in cons):
         return None
-    nodes = {gi.nodes[i].op_type: i for i, _ in cons}
-    s, m = nodes.get("Sigmoid"), nodes.get("Mul")
-    if s is None or m is None:
-        return None
-    sig_out = gi.nodes[s].output[0]
-    if sig_out in gi.outputs or [i for i, _ in gi.consumers.get(sig_out, [])] != [m]:
-        return None
-    return (s, m) if sorted(gi.nodes[m].input) == sorted([cur, sig_out]) else None
+    for m, other in (cons, cons[::-1]):
+        mul = gi.nodes[m[0]]
+        if mul.op_type != "Mul" or len(mul.input) != 2 or cur not in mul.input:
+            continue
+        gate_out = mul.input[1] if mul.input[0] == cur else mul.input[0]
+        chain, t, j = [], cur, other[0]
+        for _ in range(6):
+            node = gi.nodes[j]
+            outs = [o for o in node.output if o]
+            if (
+                node.op_type not in GATE_OPS
+                or node.domain not in ("", "ai.onnx")
+                or len(outs) != 1
+                or any(x != t and x and gi.const(x) is None for x in node.input)
+                or list(node.input).count(t) != 1
+            ):
+                break
+            chain.append(j)
+            t = outs[0]
+            if t == gate_out:
+                if t in gi.outputs or [i for i, _ in gi.consumers.get(t, [])] != [m[0]]:
+                    break
+                chain.append(m[0])
+                out = mul.output[0]
+                nxt = gi.consumers.get(out, [])
+                if out not in gi.outputs and len(nxt) == 1:
+                    scale = gi.nodes[nxt[0][0]]
+                    c = gi.const(scale.input[1 - nxt[0][1]]) if scale.op_type == "Mul" and len(scale.input) == 2 else None
+                    if c is not None and c.size == 1:
+                        chain.append(nxt[0][0])
+                return chain
+            nxt = gi.consumers.get(t, [])
+            if t in gi.outputs or len(nxt) != 1:
+                break
+            j = nxt[0][0]
+    return None
 
 
 def _chain(gi, index, channels, rank):
@@ -234,10 +292,10 @@ def _chain(gi, index, channels, rank):
     op = gi.nodes[index].op_type
     chain, cur, stage = [index], gi.nodes[index].output[0], 0  # stages: 1 bias Add, 2 BN, 3 activation
     while stage < 3 and cur not in gi.outputs:
-        silu = _silu(gi, cur)
-        if silu:
-            chain += list(silu)
-            cur = gi.nodes[silu[1]].output[0]
+        gated = _gated(gi, cur)
+        if gated:
+            chain += gated
+            cur = gi.nodes[gated[-1]].output[0]
             break
         cons = gi.consumers.get(cur, [])
         if len(cons) != 1:
@@ -317,9 +375,72 @@ def _spatial(shape, rank, channel_axis):
     return tuple(dims) if all(d for d in dims) else None
 
 
+def _batch_dim(gi):
+    """The image input's batch dim (int or symbol), or None when unknown."""
+    for vi in gi.model.graph.input:
+        if vi.name not in gi.initializers:
+            dims = gi.dims(vi.name)
+            return dims[0] if dims else None
+    return None
+
+
+PROBE_BATCH = 9973
+"""A batch size no real dim equals: shape inference with the input's batch fixed to it shows which tensors keep
+the batch on axis 0 (``(N, ...)``) and which do not (``(tokens, N, C)``, ``(tokens*N, C)``)."""
+
+
+def _probe_dim0(gi):
+    """{tensor: dim 0} inferred with the image input's (non-static) batch fixed to PROBE_BATCH; {} when unusable.
+
+    Runs on a copy without float weight data (shapes only), so it is cheap for large models."""
+    src = gi.model.graph
+    light = onnx.ModelProto(ir_version=gi.model.ir_version)
+    light.opset_import.extend(gi.model.opset_import)
+    g = light.graph
+    g.node.extend(src.node)
+    for t in src.initializer:
+        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and t.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(t)
+        else:
+            g.initializer.add(name=t.name, dims=t.dims, data_type=t.data_type)
+    g.input.extend(src.input)
+    for vi in src.output:
+        g.output.add(name=vi.name).type.tensor_type.elem_type = vi.type.tensor_type.elem_type
+    image = [vi for vi in g.input if vi.name not in gi.initializers]
+    if not image or not image[0].type.tensor_type.shape.dim:
+        return {}
+    dim = image[0].type.tensor_type.shape.dim[0]
+    dim.Clear()
+    dim.dim_value = PROBE_BATCH
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - go on with the plain inference
+        return {}
+    found = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            found[vi.name] = dims[0].dim_value
+    return found
+
+
+def _not_per_image(gi, read, batch, probed):
+    """True when axis 0 of ``read`` is known not to be the batch axis (e.g. attention projections on
+    (tokens, N, C) or (tokens*N, C) maps): per-image norms cannot be read from it."""
+    if read in probed:
+        return probed[read] != PROBE_BATCH
+    dims = gi.dims(read)
+    return batch is not None and bool(dims) and dims[0] is not None and dims[0] != batch
+
+
 def discover(model):
-    """All neuron layers of ``model`` in topological order (the input proto is not modified)."""
+    """All neuron layers of ``model`` in topological order (the input proto is not modified).
+
+    Layers whose read tensor does not have the batch on axis 0 (known from shape inference) are left out.
+    """
     gi = GraphIndex(model)
+    batch = _batch_dim(gi)
+    probed = {} if isinstance(batch, int) else _probe_dim0(gi)
     found = []
     for i, node in enumerate(gi.nodes):
         if node.op_type not in NEURON_OPS:
@@ -329,6 +450,8 @@ def discover(model):
             continue
         channels, rank = facts
         chain, read = _chain(gi, i, channels, rank)
+        if _not_per_image(gi, read, batch, probed):
+            continue
         shape = gi.shape(read)
         rank = len(shape) if shape else rank
         if rank is None:

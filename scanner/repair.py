@@ -7,7 +7,9 @@ zero in the mask does), and the final model gets real zeroed weights and no mask
 
 import json
 import logging
+import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -306,13 +308,32 @@ def verify(original, proto, rep, plan, exact=False):
 
 def write_model(proto, path, force=False, source=None):
     """Write ``proto`` to ``path`` atomically (temp + rename); never over the input."""
-    check_output(path, force, [source])
-    with atomic_path(path) as tmp:
-        if proto.ByteSize() > 2**31 - 1 - (1 << 20):
-            raise ScannerError("output over 2 GB: external-data output is not supported yet", path)
-        onnx.save(proto, str(tmp))
+    path = check_output(path, force, [source])
+    if not _over_2gb(proto):
+        with atomic_path(path) as tmp:
+            onnx.save(proto, str(tmp))
+    else:  # weights go to PATH.data beside it; both are written in a temp folder, then renamed
+        import shutil
+        import tempfile
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmpdir = Path(tempfile.mkdtemp(prefix=".scanner-", dir=path.parent))
+        try:
+            data = path.name + ".data"
+            onnx.save(proto, str(tmpdir / path.name), save_as_external_data=True, location=data)
+            os.replace(tmpdir / data, path.parent / data)
+            os.replace(tmpdir / path.name, path)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     log.info("wrote %s", path)
     return path
+
+
+def _over_2gb(proto):
+    try:
+        return proto.ByteSize() > 2**31 - 1 - (1 << 20)
+    except Exception:  # protobuf refuses to size messages over 2 GB
+        return True
 
 
 def apply_plan(rep, plan, weight=None, bias=None, rule=None):
