@@ -164,8 +164,9 @@ def inspect_cmd(model, preprocess, fmt, output, force):
 @click.option("--top", type=click.IntRange(1), default=10, show_default=True, help="Top channels to report.")
 @data_options
 @output_options()
+@click.option("--html", "html_out", type=click.Path(dir_okay=False), help="Also write a self-contained HTML audit to FILE.")
 @command
-def scan_cmd(model, data, probe, layers, top, preprocess, device, batch_size, threads, limit, fmt, output, force):
+def scan_cmd(model, data, probe, layers, top, preprocess, device, batch_size, threads, limit, fmt, output, force, html_out):
     """Measure per-channel l-inf / l1 / l2 activation norms on clean and probe images.
 
     \b
@@ -180,7 +181,15 @@ def scan_cmd(model, data, probe, layers, top, preprocess, device, batch_size, th
         from scanner.fileio import check_output
 
         check_output(output, force, [model])
+    if html_out:
+        from scanner.fileio import check_output
+
+        check_output(html_out, force, [model])
     report = scan(model, data, probe, layers, device, batch_size, threads, limit, preprocess, top)
+    if html_out:
+        from scanner.html import scan_html
+
+        emit(scan_html(report, model, data, probe, preprocess, device, threads), html_out, True, [model])
     emit(to_json(report) if fmt == "json" else scan_table(report, top), output, True, [model])
     return EXIT_OK
 
@@ -340,6 +349,83 @@ def evaluate_cmd(model, data, trigger, target, compare, preprocess, device, batc
     report = evaluate(model, data, trigger, target, compare, device, batch_size, threads, limit, preprocess)
     emit(to_json(report) if fmt == "json" else evaluate_table(report), output, True, [model])
     return EXIT_OK
+
+
+GATE_HELP = """\b
+Default policy (scanner/gate.py; a --policy file and the flags override single values):
+  fail_on = "backdoored"   warn_on = "suspicious"   min_images = 100
+  unanalysable = "fail"    partial = "warn"         (max_anomaly, max_fingerprint_z, max_clp_outliers: off)
+
+\b
+Exit codes (several models: the worst, in the order 2, 1, 3, 0):
+  0  every model passed (warnings allowed)
+  1  policy violated: a model failed
+  2  error: bad model (recorded in the report, the other models still run), bad input, bad flags
+  3  nothing could be analysed: no supported layer (policy unanalysable = "fail")
+"""
+
+
+@cli.command("gate", epilog=GATE_HELP)
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="Clean images: a folder, DIR/<class>/..., or .npz.")
+@click.option("--policy", "policy_file", type=click.Path(dir_okay=False), help="Policy file (.toml; .yaml/.yml with PyYAML).")
+@click.option("--fail-on", type=click.Choice(["suspicious", "backdoored", "never"]), default=None,
+              help="Verdicts at or above this level fail [policy default: backdoored].")
+@click.option("--min-images", "policy_min_images", type=click.IntRange(1), default=None,
+              help="Fewer usable clean images fail the model [policy default: 100].")
+@click.option("--max-anomaly", type=float, default=None, help="Fail when a working trigger's size anomaly index exceeds this.")
+@click.option("--max-fingerprint-z", type=float, default=None, help="Fail when a working trigger's l-inf fingerprint z exceeds this.")
+@click.option("--allow-unanalysable", is_flag=True, default=None, help="A model without a supported layer passes (with a warning).")
+@click.option("--budget", type=click.FloatRange(0), default=None,
+              help="Seconds of trigger search per model (0: no time limit, reproducible) [default: the synthesis default].")
+@click.option("--seed", type=click.IntRange(0), default=None, help="Seed of the trigger search [default 0].")
+@click.option("--preprocess", "preprocess", type=click.Path(dir_okay=False), help="Preprocessing JSON (overrides the model's metadata).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="onnxruntime provider.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="onnxruntime intra-op threads.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use at most N images.")
+@output_options(("table", "json", "sarif"))
+@click.option("--html", "html_out", type=click.Path(dir_okay=False), help="Also write a self-contained HTML audit to FILE.")
+@command
+def gate_cmd(models, data, policy_file, fail_on, policy_min_images, max_anomaly, max_fingerprint_z, allow_unanalysable,
+             budget, seed, preprocess, device, threads, limit, fmt, output, force, html_out):
+    """Deployment gate: detect backdoors (no repair) in one or more models and judge them by a policy.
+
+    MODELS are .onnx files or folders of them. The product (table, JSON report or SARIF 2.1.0 log) goes to
+    stdout or -o FILE; with -o or a machine format, the summary table also goes to stderr.
+
+    \b
+    Examples:
+      scanner gate models/cnn_badnets.onnx --data models/data/clean
+      scanner gate models/ --data models/data/clean --policy gate.toml --format sarif -o gate.sarif --html audit.html
+    """
+    from scanner.fileio import check_output
+    from scanner.gate import gate_table, load_policy, run_gate
+    from scanner.report import color_enabled, to_json
+
+    for path in (output, html_out):
+        if path:
+            check_output(path, force, list(models))
+    overrides = {"fail_on": fail_on, "min_images": policy_min_images, "max_anomaly": max_anomaly,
+                 "max_fingerprint_z": max_fingerprint_z, "unanalysable": "pass" if allow_unanalysable else None,
+                 "budget": budget, "seed": seed, "limit": limit}
+    policy = load_policy(policy_file, overrides)
+    report, artefacts = run_gate(models, data, policy, preprocess, device, threads, keep=bool(html_out))
+    if fmt == "json":
+        product = to_json(report)
+    elif fmt == "sarif":
+        from scanner.sarif import to_sarif_json
+
+        product = to_sarif_json(report)
+    else:
+        product = gate_table(report, color=color_enabled(sys.stdout) and not output)
+    if fmt != "table" or output:
+        status(gate_table(report, color=color_enabled(sys.stderr)))
+    if html_out:
+        from scanner.html import gate_html
+
+        emit(gate_html(report, artefacts, device=device, threads=threads), html_out, True, list(models))
+    emit(product, output, True, list(models))
+    return report["exit_code"]
 
 
 def _one_line(text):

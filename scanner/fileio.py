@@ -52,6 +52,7 @@ def atomic_path(path):
         raise _error(exc, path, "cannot write") from None
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -59,6 +60,12 @@ def atomic_path(path):
         if isinstance(exc, OSError) and not isinstance(exc, ScannerError):
             raise _error(exc, path, "cannot write") from None
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(path, data):

@@ -34,8 +34,10 @@ METHODS = ("prune", "refit", "both")
 DEFAULT_METHOD = "refit"
 PROBE_EFFECT = 0.5
 """A probe that sends at least this fraction of other-class images to one class moves the model."""
-RIDGES = (0.3, 1.0, 3.0)
+RIDGES = (0.003, 0.03, 0.3, 3.0)
 """Ridge strengths tried by the refit's cross-validation (relative to the mean feature energy)."""
+PROBE_WEIGHTS = (0.25, 0.5, 1.0)
+"""Weights of the probe rows against the clean rows tried by the refit's cross-validation."""
 MAX_PRUNE_FRACTION = 0.5
 
 
@@ -227,42 +229,51 @@ class Repair:
         fold = np.arange(n) % max(2, folds)
         ones = np.ones((n, 1))
         a1 = [np.hstack([a.astype(np.float64), ones]) for a in feats]
-        gram = sum(a.T @ a for a in a1)
-        rhs = sum(a.T @ target for a in a1)
-        held = []
-        for f in range(max(2, folds)):
-            out = fold == f
-            held.append((out, sum(a[out].T @ a[out] for a in a1), sum(a[out].T @ target[out] for a in a1)))
+
+        def parts(rows):
+            """(clean gram, probe gram, clean rhs, probe rhs) over ``rows``."""
+            return (a1[0][rows].T @ a1[0][rows], sum(a[rows].T @ a[rows] for a in a1[1:]),
+                    a1[0][rows].T @ target[rows], sum(a[rows].T @ target[rows] for a in a1[1:]))
+
+        every = parts(slice(None))
+        held = [(fold == f, parts(fold == f)) for f in range(max(2, folds))]
         best = None
-        for lam in [ridge] if ridge is not None else RIDGES:
-            cv = [np.zeros(n, np.int64) for _ in feats]
-            for out, g_out, r_out in held:
-                theta = _ridge(gram - g_out, rhs - r_out, len(feats) * int((~out).sum()), theta0, lam)
-                for j, a in enumerate(a1):
-                    cv[j][out] = (a[out] @ theta).argmax(1)
-            probe_preds = [probed[i].preds.copy() for i in range(len(self.probes))]
-            for j, i in enumerate(pairs):
-                probe_preds[i] = cv[j + 1]
-            level = self._level(sum(len(v) for v in plan.values()), cv[0], probe_preds)
-            cost = (1 - level.agreement) + float(np.mean(level.probe_success))
-            log.debug("refit ridge %g: %s", lam, level.to_dict())
-            if best is None or cost < best[0] - 1e-12:
-                best = (cost, lam, level)
-        _, lam, level = best
-        theta = _ridge(gram, rhs, len(feats) * n, theta0, lam)
-        return theta[:-1].T.astype(w0.dtype), theta[-1].astype(w0.dtype), level, lam
+        for weight in PROBE_WEIGHTS:
+            for lam in [ridge] if ridge is not None else RIDGES:
+                cv = [np.zeros(n, np.int64) for _ in feats]
+                for out, part in held:
+                    g = (every[0] - part[0]) + weight * (every[1] - part[1])
+                    r = (every[2] - part[2]) + weight * (every[3] - part[3])
+                    rows = int((~out).sum()) * (1 + weight * (len(feats) - 1))
+                    theta = _ridge(g, r, rows, theta0, lam, np.float32)
+                    for j, a in enumerate(a1):
+                        cv[j][out] = (a[out] @ theta).argmax(1)
+                probe_preds = [probed[i].preds.copy() for i in range(len(self.probes))]
+                for j, i in enumerate(pairs):
+                    probe_preds[i] = cv[j + 1]
+                level = self._level(sum(len(v) for v in plan.values()), cv[0], probe_preds)
+                cost = (1 - level.agreement) + float(np.mean(level.probe_success))
+                log.debug("refit ridge %g, probe weight %g: %s", lam, weight, level.to_dict())
+                if best is None or cost < best[0] - 1e-12:
+                    best = (cost, lam, weight, level)
+        _, lam, weight, level = best
+        g, r = every[0] + weight * every[1], every[2] + weight * every[3]
+        theta = _ridge(g, r, n * (1 + weight * (len(feats) - 1)), theta0, lam)
+        return theta[:-1].T.astype(w0.dtype), theta[-1].astype(w0.dtype), level, {"ridge": lam, "probe_weight": weight}
 
 
-def _ridge(gram, rhs, rows, theta0, ridge):
+def _ridge(gram, rhs, rows, theta0, ridge, dtype=np.float64):
     """Solve min (1/rows)||[F 1] theta - Y||^2 + lam ||W - W0||^2 from gram = A^T A and rhs = A^T Y.
 
     ``lam`` is ``ridge`` times the mean feature energy (the mean of the gram's diagonal / rows).
+    The cross-validation solves in float32 (3x faster); the final weights in float64.
     """
     g = gram / rows
     lam = ridge * float(np.mean(np.diag(g)[:-1]) or 1.0)
     reg = np.eye(len(g)) * lam
     reg[-1, -1] = 0.0
-    return np.linalg.solve(g + reg, rhs / rows + reg @ theta0)
+    theta = np.linalg.solve((g + reg).astype(dtype), (rhs / rows + reg @ theta0).astype(dtype))
+    return theta.astype(np.float64)
 
 
 # ---- verification and writing -------------------------------------------------------------------
@@ -389,15 +400,15 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
     if method != "prune" and rep.head is None:
         log.warning("no final Gemm/MatMul head to refit; falling back to --method prune")
         method = "prune"
-    plan, levels, weight, bias = {}, None, None, None
+    plan, levels, weight, bias, fit = {}, None, None, None, None
     if method in ("prune", "both"):
         k, levels = rep.choose_count(max_drop=max_drop)
         plan = rep.plan(k)
     if method in ("refit", "both"):
-        weight, bias, after, ridge = rep.refit(plan, ridge)
+        weight, bias, after, fit = rep.refit(plan, ridge)
     else:
         after = rep.evaluate_plan(plan) if plan else rep.base
-    rule = {"method": method, "layers": layers, "max_accuracy_drop": max_drop, "ridge": ridge if weight is not None else None}
+    rule = {"method": method, "layers": layers, "max_accuracy_drop": max_drop, "refit": fit}
     report = _report("sanitize", rep, plan, rep.base, after, levels, rule)
     report["backdoor_found"] = found
     proto = None
