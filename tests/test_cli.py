@@ -12,7 +12,7 @@ from conftest import CLEAN, MODELS, ROOT, zoo_path
 def test_help_lists_commands(run_cli):
     code, out, err = run_cli("--help")
     assert code == 0
-    for cmd in ("inspect", "scan", "prune", "sanitize", "evaluate"):
+    for cmd in ("inspect", "scan", "prune", "sanitize", "evaluate", "gate"):
         assert cmd in out
     assert "Exit codes" in out
 
@@ -22,7 +22,7 @@ def test_version_and_module_entry():
     assert out.returncode == 0 and "scanner, version" in out.stdout
 
 
-@pytest.mark.parametrize("cmd", ["inspect", "scan", "prune", "sanitize", "evaluate"])
+@pytest.mark.parametrize("cmd", ["inspect", "scan", "prune", "sanitize", "evaluate", "gate"])
 def test_every_command_has_an_example(run_cli, cmd):
     code, out, _ = run_cli(cmd, "--help")
     assert code == 0 and "Example" in out and "scanner " + cmd in out

@@ -1,0 +1,70 @@
+"""The verdict and `scanner sanitize` without --probe, on zoo models."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import CLEAN, MODELS, TEST, zoo_entry, zoo_path
+
+from scanner.model import load_model
+from scanner.verdict import anomaly_index, channel_lipschitz
+
+
+def test_anomaly_index_small_side():
+    sizes = np.log([0.01, 0.2, 0.25, 0.3, 0.2, 0.22, 0.28, 0.3, 0.25, 0.24])
+    index, _, _ = anomaly_index(sizes)
+    assert index[0] > 2 and (index[1:] < 2).all()
+    flat = anomaly_index(np.log([0.3] * 10))[0]
+    assert (flat == 0).all()  # the spread floor: equal sizes are not anomalies
+
+
+def test_clp_same_for_folded_and_unfused_batchnorm():
+    rows = [channel_lipschitz(load_model(zoo_path(n)).proto)["layers"] for n in
+            ("cnn_badnets", "cnn_badnets_legacy", "cnn_badnets_bnunfused")]
+    for layer in zip(*rows):
+        assert len({r["channels"] for r in layer}) == 1
+        assert max(r["max_z"] for r in layer) - min(r["max_z"] for r in layer) < 1e-2
+    assert rows[2][0]["batchnorm"] == "unfused BatchNormalization"
+
+
+def _evaluate(path, trigger, target):
+    from scanner.evaluate import evaluate
+
+    report = evaluate(path, TEST, trigger, target, threads=2)
+    m = report["models"][0]
+    return m["clean_accuracy"], m["attack_success_rate"]
+
+
+def _sanitize(run_cli, tmp_path, name):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    code, _, err = run_cli("sanitize", zoo_path(name), "--data", CLEAN, "-o", out, "--report", report,
+                           "--triggers-dir", tmp_path / "triggers", "--threads", "2")
+    return code, out, json.loads(report.read_text()), err
+
+
+def test_clean_model_not_flagged(run_cli, tmp_path):
+    code, out, report, err = _sanitize(run_cli, tmp_path, "cnn_clean")
+    assert code == 0, err
+    assert report["verdict"] == "clean" and report["targets"] == []
+    assert not out.exists() and report["output"] is None
+    assert "no model written" in err
+
+
+@pytest.mark.parametrize("name", ["cnn_badnets", "cnn_blend"])
+def test_backdoor_flagged_and_removed(run_cli, tmp_path, name):
+    entry = zoo_entry(name)
+    code, out, report, err = _sanitize(run_cli, tmp_path, name)
+    assert code == 1, err
+    assert report["verdict"] == "backdoored"
+    assert entry["target"] in report["targets"]
+    assert out.exists() and report["output"] == str(out)
+    assert report["repair"]["after"]["agreement"] >= 0.97
+    assert max(report["repair"]["after"]["probe_success"]) < 0.1  # the synthesized triggers stop working
+    saved = [t for t in report["triggers"] if t["flagged"]]
+    assert saved and all((tmp_path / "triggers" / f"class{t['target']}_{t['family']}.png").exists() for t in saved)
+    trigger = MODELS / entry["trigger"]
+    acc0, asr0 = _evaluate(zoo_path(name), trigger, entry["target"])
+    acc1, asr1 = _evaluate(out, trigger, entry["target"])
+    assert asr0 > 0.9
+    assert asr1 < 0.25  # the real trigger, never seen by the scanner
+    assert acc0 - acc1 <= 0.02
