@@ -266,8 +266,8 @@ def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, tar
               help="A trigger .json or a folder of triggered images (repeatable). Without it, triggers are synthesized.")
 @click.option("-o", "--output", "model_out", required=True, type=click.Path(dir_okay=False), help="The sanitized ONNX file.")
 @click.option("--method", type=click.Choice(["prune", "refit", "both"]), default="refit", show_default=True,
-              help="prune: l-inf pruning; refit: closed-form head refit on clean + probe pairs; both.")
-@click.option("--max-accuracy-drop", "max_drop", type=click.FloatRange(0, 1), default=0.02, show_default=True)
+              help="With --probe: prune = l-inf pruning; refit = closed-form head refit on clean + probe pairs; both.")
+@click.option("--max-accuracy-drop", "max_drop", type=click.FloatRange(0, 1), default=0.02, show_default=True, help="With --probe and --method prune|both.")
 @click.option("--always", is_flag=True, help="Write a model even when nothing is found.")
 @click.option("--budget", type=click.FloatRange(1), default=55.0, show_default=True,
               help="Seconds for the whole job without --probe (trigger synthesis gets 60%).")
