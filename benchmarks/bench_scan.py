@@ -136,11 +136,10 @@ def surgery(name, tmp, ratio=0.1):
 
 
 def peak_rss(args):
-    """Peak RSS (MiB) of a child process."""
-    code = ("import resource, sys, runpy; sys.argv = ['scanner'] + %r; "
-            "from scanner.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)") % (args,)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    """Peak RSS (MiB) of `scanner ARGS` in a child process, from GNU time (ru_maxrss of a child started
+    by a big parent process reports the parent's high-water mark on Linux)."""
+    cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "scanner"] + args
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     return int(out.stderr.strip().splitlines()[-1]) / 1024
 
 
@@ -166,6 +165,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--batch", type=int, default=32, help="batch size for torchvision models")
     ap.add_argument("--images", type=int, default=0, help="images per timed pass (default 4 batches)")
     ap.add_argument("--surgery", default="", help="also time pruning 10%% of every layer's channels of this model")
@@ -173,7 +173,7 @@ def main():
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
                "command": "python benchmarks/bench_scan.py " + " ".join(sys.argv[1:]), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
+        for name in [] if args.memory_only else args.models.split(","):
             path, net, shape = build(name, tmp)
             batch = 256 if name == "zoo" else args.batch
             x = np.random.RandomState(0).randn(args.images or batch * 4, *shape).astype(np.float32)
