@@ -219,6 +219,13 @@ def prune_options(fn):
     return fn
 
 
+def model_output_options(fn):
+    """Flags of the commands that write a model: the report's format, a JSON report file, --force."""
+    fn = click.option("--force", is_flag=True, help="Overwrite existing output files.")(fn)
+    fn = click.option("--report", "report_out", type=click.Path(dir_okay=False), help="Also write the JSON report to FILE.")(fn)
+    return click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)(fn)
+
+
 @cli.command("prune")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(), help="Clean images (labeled DIR/<class>/... gives accuracy).")
@@ -230,9 +237,7 @@ def prune_options(fn):
               help="Largest prune set whose clean accuracy (or agreement) drop stays within D [default 0.02].")
 @prune_options
 @data_options
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@click.option("--report", "report_out", type=click.Path(dir_okay=False), help="Also write the JSON report to FILE.")
-@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@model_output_options
 @command
 def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, target, preprocess, device, batch_size,
               threads, limit, fmt, report_out, force):
@@ -275,9 +280,7 @@ def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, tar
 @click.option("--triggers-dir", type=click.Path(file_okay=False), help="Save the synthesized triggers (JSON + PNG) here.")
 @prune_options
 @data_options
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@click.option("--report", "report_out", type=click.Path(dir_okay=False), help="Also write the JSON report to FILE.")
-@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@model_output_options
 @command
 def sanitize_cmd(model, data, probes, model_out, method, max_drop, always, budget, seed, triggers_dir, layers, target,
                  preprocess, device, batch_size, threads, limit, fmt, report_out, force):
