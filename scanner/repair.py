@@ -24,7 +24,7 @@ from scanner.layers import discover
 from scanner.model import ModelFile, load_model, tensor_info
 from scanner.probes import Probe
 from scanner.runtime import Session
-from scanner.scan import Instrument
+from scanner.scan import Instrument, dominant_class
 from scanner.stats import OUTLIER_Z, probe_scores
 from scanner import surgery
 
@@ -77,13 +77,15 @@ class Repair:
         self.clean_set = data if isinstance(data, ImageSet) else ImageSet(data, limit=limit, labeled=labeled)
         self.probes = [p if isinstance(p, Probe) else Probe.open(p, limit=limit) for p in probes]
         self.batch_size = batch_size
-        heads = [l for l in discover(self.model.proto) if l.is_head]
+        found = discover(self.model.proto)
+        heads = [l for l in found if l.is_head]
         self.head = heads[-1] if heads else None
         features = ()
         if self.head is not None:
             self.head_input = self.head.input
             features = (self.head_input, self.head.read)
-        self.inst = Instrument(self.model, layers, device, threads, preprocess, masks=True, features=features)
+        self.inst = Instrument(self.model, layers, device, threads, preprocess, masks=True, features=features,
+                               discovered=found)
         self.pre = self.inst.preprocess
         started = time.perf_counter()
         self.clean_set = cached(self.clean_set, self.pre)
@@ -110,12 +112,9 @@ class Repair:
         return self.inst.measure(probe.images, None, self.batch_size, "probe", masks, keep, norms)
 
     def _dominant(self, m):
-        counts = np.bincount(m.preds, minlength=int(m.preds.max()) + 1).astype(float)
-        if len(m.preds) == len(self.clean.preds):
-            moved = m.preds != self.clean.preds
-            if moved.any():
-                counts = np.bincount(m.preds[moved], minlength=len(counts)).astype(float)
-        return int(counts.argmax())
+        """The class the probe pushes images to (among moved pairs), else its most common prediction."""
+        k = dominant_class(self.clean.preds, m.preds) if len(m.preds) == len(self.clean.preds) else None
+        return k if k is not None else int(np.bincount(m.preds).argmax())
 
     def paired(self, i):
         """Whether probe ``i`` gives the same images as the clean set with the trigger (pairs)."""

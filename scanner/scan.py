@@ -43,14 +43,16 @@ class Measurement:
 class Instrument:
     """A model with in-graph norms for the chosen layers, its session and its preprocessing.
 
-    ``masks=True`` adds a channel-mask input per layer (for prune sweeps); ``features`` exposes tensors.
+    ``masks=True`` adds a channel-mask input per layer (for prune sweeps); ``features`` exposes tensors;
+    ``discovered`` is the model's layer list when the caller already ran :func:`discover`.
     """
 
-    def __init__(self, model, layers="last", device="auto", threads=None, preprocess=None, masks=False, features=()):
+    def __init__(self, model, layers="last", device="auto", threads=None, preprocess=None, masks=False, features=(),
+                 discovered=None):
         self.model = model if isinstance(model, ModelFile) else load_model(model)
         self.preprocess = resolve_preprocess(self.model.input.shape, self.model.input.dtype, self.model.metadata, preprocess,
                                              source=self.model.path)
-        self.all_layers = discover(self.model.proto)
+        self.all_layers = discovered if discovered is not None else discover(self.model.proto)
         self.layers = select(self.all_layers, layers)
         self.instrumented = instrument(self.model.proto, self.layers, masks=masks, features=features)
         self.slices = [self.instrumented.slices[l.id] for l in self.layers]
@@ -196,6 +198,14 @@ def top_channels(inst, clean, probed, rise, score, rel, top=10):
     return rows
 
 
+def dominant_class(clean_preds, probe_preds):
+    """The class a probe pushes images to: the most common prediction among the paired images it moved, or None."""
+    moved = clean_preds != probe_preds
+    if not moved.any():
+        return None
+    return int(np.bincount(probe_preds[moved]).argmax())
+
+
 def prediction_shift(clean, probed, paired):
     """How the probe moves predictions: flip rate (paired) and the class the probe pushes toward."""
     counts = np.bincount(probed.preds, minlength=int(max(probed.preds.max(), clean.preds.max()) + 1))
@@ -203,10 +213,9 @@ def prediction_shift(clean, probed, paired):
     if paired and len(clean.preds) == len(probed.preds):
         flipped = clean.preds != probed.preds
         effect["flip_rate"] = round(float(flipped.mean()), 6)
-        if flipped.any():
-            to = np.bincount(probed.preds[flipped], minlength=len(counts))
-            effect["dominant_class"] = int(to.argmax())
-            k = effect["dominant_class"]
+        k = dominant_class(clean.preds, probed.preds)
+        if k is not None:
+            effect["dominant_class"] = k
             others = clean.preds != k
             effect["dominant_class_success"] = round(float((probed.preds[others] == k).mean()), 6) if others.any() else 0.0
     return effect
