@@ -19,11 +19,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from fashion import test_npz  # noqa: E402
-from scanner.data import ImageSet, cached  # noqa: E402
+from scanner.data.images import ImageSet, cached  # noqa: E402
 from scanner.evaluate import attack_success, predict  # noqa: E402
 from scanner.repair import METHODS, Repair, sanitize_with_probes  # noqa: E402
 from scanner.runtime import Session  # noqa: E402
-from scanner.triggers import Trigger  # noqa: E402
+from scanner.data.triggers import Trigger  # noqa: E402
 
 
 def metrics(preds, tpreds, labels, target):

@@ -25,10 +25,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scanner.data import resolve_preprocess  # noqa: E402
+from scanner.data.images import resolve_preprocess  # noqa: E402
 from scanner.model import load_model  # noqa: E402
 from scanner.runtime import Session  # noqa: E402
-from scanner.triggers import Trigger  # noqa: E402
+from scanner.data.triggers import Trigger  # noqa: E402
 
 DATASET = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"

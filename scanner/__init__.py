@@ -6,8 +6,8 @@ The pipeline, one module per stage:
 - :mod:`scanner.layers`     discover neuron layers (Conv, Gemm, MatMul) and where their channels are read
 - :mod:`scanner.instrument` add in-graph per-channel l-inf / l1 / l2 norms
 - :mod:`scanner.runtime`    onnxruntime sessions on CPU or CUDA
-- :mod:`scanner.data`       images, preprocessing, batches
-- :mod:`scanner.triggers`   trigger files and how they are applied
+- :mod:`scanner.data.images`       images, preprocessing, batches
+- :mod:`scanner.data.triggers`   trigger files and how they are applied
 - :mod:`scanner.stats`      streaming per-channel statistics and scores
 - :mod:`scanner.scan`       measure norms on clean and probe images
 - :mod:`scanner.surgery`    zero channels / refit the head by graph surgery

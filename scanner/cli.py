@@ -64,7 +64,7 @@ def command(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from scanner.data import MIN_IMAGES
+        from scanner.data.images import MIN_IMAGES
         from scanner.runtime import ort
 
         ort()

@@ -4,12 +4,12 @@ import time
 
 import numpy as np
 
-from scanner.data import ImageSet, resolve_preprocess
+from scanner.data.images import ImageSet, resolve_preprocess
 from scanner.errors import ScannerError
 from scanner.model import ModelFile, load_model
 from scanner.progress import Progress
 from scanner.runtime import Session
-from scanner.triggers import Trigger
+from scanner.data.triggers import Trigger
 
 
 def predict(session, pre, images, trigger=None, batch_size=64, label="eval"):

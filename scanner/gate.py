@@ -355,7 +355,7 @@ def run_gate(models, data, policy=None, preprocess=None, device="auto", threads=
     A model that cannot be loaded or analysed is recorded as an error (or as unanalysable) and the others
     still run; a bad ``data`` path is an error for the whole run (raised).
     """
-    from scanner.data import ImageSet
+    from scanner.data.images import ImageSet
 
     policy = policy or DEFAULT_POLICY
     started = time.perf_counter()

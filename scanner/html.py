@@ -466,7 +466,7 @@ def _candidate_preview(cand, shape, channels):
 
 # ---- gate --------------------------------------------------------------------------------------------
 def _memory_set(images, pixels):
-    from scanner.data import Batch, MemoryImageSet
+    from scanner.data.images import Batch, MemoryImageSet
 
     source = SimpleNamespace(path=images.path, kind=getattr(images, "kind", "folder"), skipped=list(images.skipped),
                              min_images=1)
@@ -531,7 +531,7 @@ def _gate_view(entry, art, device, threads):
 
 def measure_channels(art, trigger, device="auto", threads=None, source="synthesized"):
     """A scan-like report of the last conv layer on clean images vs the same images with ``trigger``."""
-    from scanner.probes import Probe
+    from scanner.data.probes import Probe
     from scanner.scan import Instrument, build_report
 
     started = time.perf_counter()
@@ -557,9 +557,9 @@ def gate_html(report, artefacts, device="auto", threads=None):
 # ---- scan --------------------------------------------------------------------------------------------
 def scan_html(report, model, data, probe=None, preprocess=None, device="auto", threads=None):
     """The HTML audit of a scan report: the per-channel picture, top channels, the probe on clean images."""
-    from scanner.data import ImageSet, resolve_preprocess
+    from scanner.data.images import ImageSet, resolve_preprocess
     from scanner.model import load_model
-    from scanner.probes import Probe
+    from scanner.data.probes import Probe
     from scanner.runtime import Session
 
     mf = load_model(model)

@@ -1,6 +1,6 @@
 """``scanner inspect``: model facts, preprocessing and the layer table."""
 
-from scanner.data import resolve_preprocess
+from scanner.data.images import resolve_preprocess
 from scanner.layers import discover
 from scanner.model import load_model
 

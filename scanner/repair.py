@@ -16,13 +16,13 @@ import numpy as np
 import onnx
 
 from scanner import __version__
-from scanner.data import ImageSet, cached
+from scanner.data.images import ImageSet, cached
 from scanner.errors import ScannerError
 from scanner.fileio import atomic_path, check_output
 from scanner.instrument import instrument
 from scanner.layers import discover
 from scanner.model import ModelFile, load_model, tensor_info
-from scanner.probes import Probe
+from scanner.data.probes import Probe
 from scanner.runtime import Session
 from scanner.scan import Instrument, dominant_class
 from scanner.stats import OUTLIER_Z, probe_scores

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from scanner import __version__
-from scanner.data import ImageSet, resolve_preprocess
+from scanner.data.images import ImageSet, resolve_preprocess
 from scanner.errors import ScannerError
 from scanner.instrument import NORMS, instrument
 from scanner.layers import discover, select
 from scanner.model import ModelFile, load_model
-from scanner.probes import Probe
+from scanner.data.probes import Probe
 from scanner.progress import Progress
 from scanner.runtime import Session
 from scanner.stats import OUTLIER_Z, ChannelStats, _r, probe_scores, relative_rise

@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scanner.data import ImageSet, resolve_preprocess
+from scanner.data.images import ImageSet, resolve_preprocess
 from scanner.errors import ScannerError
 from scanner.instrument import instrument
 from scanner.layers import discover, select
 from scanner.model import ModelFile, load_model
 from scanner.progress import Progress
 from scanner.runtime import Session
-from scanner.triggers import Trigger
+from scanner.data.triggers import Trigger
 
 log = logging.getLogger("scanner")
 

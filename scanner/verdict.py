@@ -216,10 +216,10 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
     """
     import time
 
-    from scanner.data import ImageSet
+    from scanner.data.images import ImageSet
     from scanner.fileio import check_output
     from scanner.model import ModelFile, load_model
-    from scanner.probes import Probe
+    from scanner.data.probes import Probe
     from scanner.repair import Repair, sanitize_with_probes, write_model
     from scanner.synthesis import Config, Oracle, Synthesizer, load_pixels
 

@@ -7,13 +7,13 @@ import onnx
 import pytest
 
 from conftest import CLEAN, MODELS, TEST, zoo_entry, zoo_path
-from scanner.data import ImageSet
+from scanner.data.images import ImageSet
 from scanner.evaluate import evaluate_model
 from scanner.fileio import atomic_path
 from scanner.layers import discover
 from scanner.model import load_model, sha256_file
 from scanner.repair import Repair, prune_model, sanitize_with_probes, verify
-from scanner.triggers import Trigger
+from scanner.data.triggers import Trigger
 
 
 def _ops(model):
@@ -120,7 +120,7 @@ def test_unpaired_probe_folder_falls_back_to_prune(tmp_path, caplog):
     trigger = Trigger.load(MODELS / entry["trigger"])
     import cv2
 
-    from scanner.data import Preprocess
+    from scanner.data.images import Preprocess
 
     pixels = ImageSet(CLEAN, limit=200).load_all(Preprocess(size=(28, 28), color="gray")).pixels
     folder = tmp_path / "redteam"

@@ -5,13 +5,13 @@ import onnx
 import pytest
 
 from conftest import CLEAN, MODELS, zoo_manifest
-from scanner.data import ImageSet, resolve_preprocess
+from scanner.data.images import ImageSet, resolve_preprocess
 from scanner.instrument import instrument
 from scanner.layers import discover
 from scanner.model import load_model
 from scanner.runtime import Session
 from scanner.scan import scan
-from scanner.triggers import Trigger
+from scanner.data.triggers import Trigger
 
 
 def _backdoored():

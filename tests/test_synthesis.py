@@ -5,7 +5,7 @@ import pytest
 from conftest import CLEAN, zoo_entry, zoo_path
 
 from scanner.synthesis import Config, Oracle, Synthesizer, load_pixels, variants
-from scanner.triggers import Trigger
+from scanner.data.triggers import Trigger
 
 SMALL = dict(steps=40, val_images=160, budget=None)
 

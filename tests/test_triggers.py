@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from scanner.errors import ScannerError
-from scanner.triggers import Trigger
+from scanner.data.triggers import Trigger
 
 
 def _write(tmp_path, spec, image):

@@ -3,10 +3,10 @@
 import pytest
 
 from conftest import MODELS, TEST, zoo_manifest
-from scanner.data import ImageSet
+from scanner.data.images import ImageSet
 from scanner.evaluate import evaluate_model
 from scanner.model import load_model, sha256_file
-from scanner.triggers import Trigger
+from scanner.data.triggers import Trigger
 
 
 def _entries():

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scanner.triggers import Trigger  # noqa: E402
+from scanner.data.triggers import Trigger  # noqa: E402
 
 from models.recipes.nets import ARCHITECTURES  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Images in, model tensors out: folders, labeled folders, ``.npz`` files, preprocessing, batches.
 
 Pixels travel as ``uint8`` arrays of shape (N, H, W, C) at the model's size and color order; triggers are
-stamped on them (:mod:`scanner.triggers`), then :meth:`Preprocess.to_tensor` makes the model's input.
+stamped on them (:mod:`scanner.data.triggers`), then :meth:`Preprocess.to_tensor` makes the model's input.
 """
 
 import contextvars

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from scanner.data import ImageSet
+from scanner.data.images import ImageSet
 from scanner.errors import ScannerError
-from scanner.triggers import Trigger
+from scanner.data.triggers import Trigger
 
 
 class Probe:

@@ -1,0 +1,1 @@
+"""Data: image sets, preprocessing, triggers and probes."""
