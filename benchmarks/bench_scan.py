@@ -33,9 +33,9 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scanner.instrument import NORMS  # noqa: E402
-from scanner.runtime import Session  # noqa: E402
-from scanner.scan import Instrument  # noqa: E402
+from scanner.context import ModelContext  # noqa: E402
+from scanner.graph.instrument import NORMS  # noqa: E402
+from scanner.runtime.session import Session  # noqa: E402
 
 
 def rate(fn, x, batch, seconds):
@@ -115,8 +115,8 @@ def build(name, tmp):
 
 def surgery(name, tmp, ratio=0.1):
     """Seconds to discover layers, prune ``ratio`` of the channels of every zero-preserving layer, and save."""
-    from scanner.layers import discover
-    from scanner.surgery import prune
+    from scanner.graph.layers import discover
+    from scanner.graph.surgery import prune
 
     path, _, _ = build(name, tmp)
     model = onnx.load(str(path))
@@ -178,8 +178,9 @@ def main():
             batch = 256 if name == "zoo" else args.batch
             x = np.random.RandomState(0).randn(args.images or batch * 4, *shape).astype(np.float32)
             plain = Session(onnx.load(str(path)), args.device)
-            inst = Instrument(str(path), "all", args.device)
-            outs = [inst.logits] + [inst.instrumented.norm_outputs[k] for k in NORMS]
+            ctx = ModelContext.open(str(path), device=args.device)
+            inst = ctx.runner(ctx.select("all"), norms=NORMS)
+            outs = [ctx.scores] + [inst.instrumented.norm_outputs[k] for k in NORMS]
             runs = {
                 "plain": lambda b: plain.run(b, [plain.output_names[0]]),
                 "scanner": lambda b: inst.session.run(b, outs),
@@ -200,10 +201,10 @@ def main():
             r["scanner_over_plain"] = round(med["scanner"] / med["plain"], 3)  # from unrounded rates
             if "torch_hooks" in med:
                 r["torch_hooks_over_plain"] = round(med["torch_hooks"] / med["plain"], 3)
-            r.update(layers=len(inst.layers), channels=inst.channels, batch=batch, provider=inst.session.provider)
+            r.update(layers=len(inst.layers), channels=inst.channels, batch=batch, provider=inst.provider)
             results["models"][name] = r
             print(name, json.dumps(r), file=sys.stderr)
-            del plain, inst, runs, net
+            del plain, inst, ctx, runs, net
             gc.collect()
         if args.surgery:
             results["surgery"] = surgery(args.surgery, tmp)

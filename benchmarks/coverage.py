@@ -11,7 +11,7 @@ For every architecture (random weights, 224x224) and export path:
 * ``scanner.surgery.prune`` of random channels (10% of a few random zero-preserving layers and of the last conv)
   reads exactly 0 there, leaves every layer upstream of the first pruned one bitwise identical and the pruned
   layers' other channels unchanged; the output (saved like its input, external data included) passes
-  ``onnx.checker`` and loads in onnxruntime (and in ``scanner.model.load_model``).
+  ``onnx.checker`` and loads in onnxruntime (and in ``scanner.graph.model.load_model``).
 
     /work/tvenv/bin/python benchmarks/coverage.py [--models resnet18,...] [--paths dynamo,...] [--cache DIR]
         [--write-results] [--rerun] [--table-only]
@@ -43,11 +43,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scanner.errors import ScannerError  # noqa: E402
-from scanner.instrument import NORMS, instrument  # noqa: E402
-from scanner.layers import CONV_OPS, discover  # noqa: E402
-from scanner.model import load_model  # noqa: E402
-from scanner.runtime import Session  # noqa: E402
-from scanner.surgery import prune  # noqa: E402
+from scanner.graph.instrument import NORMS, instrument  # noqa: E402
+from scanner.graph.layers import CONV_OPS, discover  # noqa: E402
+from scanner.graph.model import load_model  # noqa: E402
+from scanner.runtime.session import Session  # noqa: E402
+from scanner.graph.surgery import prune  # noqa: E402
 
 MODELS = [
     "resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "vgg11_bn",

@@ -12,18 +12,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from fashion import test_npz  # noqa: E402
+from scanner.commands.evaluate import attack_success, predict  # noqa: E402
+from scanner.commands.sanitize import METHODS, sanitize_with_probes  # noqa: E402
+from scanner.context import ModelContext  # noqa: E402
 from scanner.data.images import ImageSet, cached  # noqa: E402
-from scanner.evaluate import attack_success, predict  # noqa: E402
-from scanner.repair import METHODS, Repair, sanitize_with_probes  # noqa: E402
-from scanner.runtime import Session  # noqa: E402
 from scanner.data.triggers import Trigger  # noqa: E402
+from scanner.detect.scan import measure  # noqa: E402
+from scanner.repair.prune import Repair  # noqa: E402
 
 
 def metrics(preds, tpreds, labels, target):
@@ -35,8 +36,8 @@ def curve(rep, test, trigger, target, counts):
     for c in counts:
         plan = rep.plan(c)
         masks = rep.masks(plan)
-        p = rep.inst.measure(test, None, 256, "curve", masks, norms=False)
-        t = rep.inst.measure(test, trigger, 256, "curve", masks, norms=False)
+        p = measure(rep.runner, test, None, masks, norms=False, label="curve")
+        t = measure(rep.runner, test, trigger, masks, norms=False, label="curve")
         acc, asr = metrics(p.preds, t.preds, p.labels, target)
         rows.append({"channels": c, "accuracy": round(acc, 4), "asr": round(asr, 4)})
     return rows
@@ -58,8 +59,9 @@ def main():
         trigger = Trigger.load(ROOT / "models" / entry["trigger"])
         target = entry["target"]
         row = {"model": entry["name"], "attack": entry["attack"], "target": target}
+        ctx = ModelContext.open(model, device="cpu", batch_size=256)
         for layers in ("last", "all"):
-            rep = Repair(model, ROOT / "models" / "data" / "clean", [str(ROOT / "models" / entry["trigger"])], layers, "cpu", targets=[target])
+            rep = Repair(ctx, ROOT / "models" / "data" / "clean", [str(ROOT / "models" / entry["trigger"])], layers, targets=[target])
             test = cached(ImageSet(test_path), rep.pre)
             total = len(rep.ranking())
             counts = sorted({0, 1, 2, 4, 8, 16, 32, 64, 128, 256, total} & set(range(total + 1)))
@@ -67,18 +69,18 @@ def main():
             k, _ = rep.choose_count(max_drop=0.02)
             op = curve(rep, test, trigger, target, [k])[0]
             row[f"operating_point_{layers}"] = op
-        session_base = Session(str(model), "cpu")
-        base_p, labels = predict(session_base, rep.pre, test)
-        base_t, _ = predict(session_base, rep.pre, test, trigger)
+        base = ctx.runner()
+        base_p, labels = predict(base, test)
+        base_t, _ = predict(base, test, trigger)
         row["before"] = dict(zip(("accuracy", "asr"), [round(v, 4) for v in metrics(base_p, base_t, labels, target)]))
         for method in METHODS:
             start = time.perf_counter()
-            rep = Repair(model, ROOT / "models" / "data" / "clean", [str(ROOT / "models" / entry["trigger"])], "last", "cpu", targets=[target])
-            report, proto, found = sanitize_with_probes(model, None, None, method=method, rep=rep, always=True)
+            rep = Repair(ctx, ROOT / "models" / "data" / "clean", [str(ROOT / "models" / entry["trigger"])], "last", targets=[target])
+            report, proto, found = sanitize_with_probes(ctx, None, None, method=method, rep=rep, always=True)
             seconds = time.perf_counter() - start
-            s = Session(proto, "cpu")
-            p, _ = predict(s, rep.pre, test)
-            t, _ = predict(s, rep.pre, test, trigger)
+            s = ctx.derived(proto).runner()
+            p, _ = predict(s, test)
+            t, _ = predict(s, test, trigger)
             acc, asr = metrics(p, t, labels, target)
             row[f"sanitize_{method}"] = {"accuracy": round(acc, 4), "asr": round(asr, 4), "pruned": report["pruned_count"], "seconds": round(seconds, 2)}
         results.append(row)

@@ -25,10 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scanner.data.images import resolve_preprocess  # noqa: E402
-from scanner.model import load_model  # noqa: E402
-from scanner.runtime import Session  # noqa: E402
+from scanner.context import ModelContext  # noqa: E402
 from scanner.data.triggers import Trigger  # noqa: E402
+from scanner.graph.model import load_model  # noqa: E402
 
 DATASET = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -53,12 +52,7 @@ def test_set():
 
 def predict(path, pixels):
     """Predicted classes of the model at ``path`` on uint8 pixels (N, H, W, C), with its own preprocessing."""
-    model = load_model(path)
-    pre = resolve_preprocess(model.input.shape, model.input.dtype, model.metadata)
-    session = Session(model.proto, "cpu", threads=2)
-    name = model.outputs[0].name
-    out = [session.run(pre.to_tensor(pixels[i : i + 1000]), [name])[name].argmax(1) for i in range(0, len(pixels), 1000)]
-    return np.concatenate(out)
+    return ModelContext.open(path, device="cpu", threads=2).runner(batch_size=1000).run(pixels).preds
 
 
 def metrics(path, x, y, trigger, target):

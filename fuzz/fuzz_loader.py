@@ -15,7 +15,6 @@ import os
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,9 +87,9 @@ def run_atheris(argv):
     import atheris
 
     with atheris.instrument_imports(include=["scanner"]):
-        import scanner.inspect  # noqa: F401
-        import scanner.model  # noqa: F401
-        import scanner.runtime  # noqa: F401
+        import scanner.commands.inspect  # noqa: F401
+        import scanner.graph.model  # noqa: F401
+        import scanner.runtime.session  # noqa: F401
     counts = collections.Counter()
     corpus = TMP / "corpus"
     corpus.mkdir()

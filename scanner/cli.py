@@ -64,15 +64,10 @@ def command(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from scanner.data.images import MIN_IMAGES
-        from scanner.runtime import ort
+        from scanner.runtime.session import ort
 
         ort()
-        token = MIN_IMAGES.set(kwargs.pop("min_images", None) or 1)  # --min-images (data_options)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            MIN_IMAGES.reset(token)
+        return fn(*args, **kwargs)
 
     wrapper = click.option("-v", "--verbose", count=True, expose_value=False, callback=_log_flag, help="More log lines on stderr.")(wrapper)
     wrapper = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_log_flag, help="Only errors on stderr.")(wrapper)
@@ -93,20 +88,28 @@ def emit(text, output=None, force=False, inputs=()):
 
 
 # Flag groups, so that one flag means the same thing in every command.
-def data_options(fn):
-    for deco in reversed(
-        [
-            click.option("--preprocess", "preprocess", type=click.Path(dir_okay=False), help="Preprocessing JSON (overrides the model's metadata)."),
-            click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="onnxruntime provider."),
-            click.option("--batch-size", type=click.IntRange(1, 65536), default=128, show_default=True),
-            click.option("--threads", type=click.IntRange(1, 1024), default=None, help="onnxruntime intra-op threads."),
-            click.option("--limit", type=click.IntRange(1), default=None, help="Use at most N images."),
-            click.option("--min-images", type=click.IntRange(1), default=1, show_default=True,
-                         help="Fail when fewer usable images remain (unreadable files are counted and named)."),
-        ]
-    ):
-        fn = deco(fn)
-    return fn
+MIN_IMAGES_HELP = "Fail when fewer usable images remain (unreadable files are counted and named)."
+
+
+def data_options(fn=None, min_images_default=1, min_images_help=MIN_IMAGES_HELP):
+    """The data and runtime flags: --preprocess, --device, --batch-size, --threads, --limit, --min-images."""
+
+    def wrap(fn):
+        for deco in reversed(
+            [
+                click.option("--preprocess", "preprocess", type=click.Path(dir_okay=False), help="Preprocessing JSON (overrides the model's metadata)."),
+                click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="onnxruntime provider."),
+                click.option("--batch-size", type=click.IntRange(1, 65536), default=128, show_default=True),
+                click.option("--threads", type=click.IntRange(1, 1024), default=None, help="onnxruntime intra-op threads."),
+                click.option("--limit", type=click.IntRange(1), default=None, help="Use at most N images."),
+                click.option("--min-images", type=click.IntRange(1), default=min_images_default,
+                             show_default=min_images_default is not None, help=min_images_help),
+            ]
+        ):
+            fn = deco(fn)
+        return fn
+
+    return wrap(fn) if fn is not None else wrap
 
 
 def output_options(formats=("table", "json")):
@@ -148,8 +151,8 @@ def inspect_cmd(model, preprocess, fmt, output, force):
     Example:
       scanner inspect models/cnn_badnets.onnx --format json
     """
-    from scanner.inspect import inspect_model
-    from scanner.report import inspect_table, to_json
+    from scanner.commands.inspect import inspect_model
+    from scanner.report.tables import inspect_table, to_json
 
     info = inspect_model(model, preprocess)
     emit(to_json(info) if fmt == "json" else inspect_table(info), output, force, [model])
@@ -166,7 +169,8 @@ def inspect_cmd(model, preprocess, fmt, output, force):
 @output_options()
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), help="Also write a self-contained HTML audit to FILE.")
 @command
-def scan_cmd(model, data, probe, layers, top, preprocess, device, batch_size, threads, limit, fmt, output, force, html_out):
+def scan_cmd(model, data, probe, layers, top, preprocess, device, batch_size, threads, limit, min_images, fmt, output, force,
+             html_out):
     """Measure per-channel l-inf / l1 / l2 activation norms on clean and probe images.
 
     \b
@@ -174,43 +178,22 @@ def scan_cmd(model, data, probe, layers, top, preprocess, device, batch_size, th
       scanner scan models/cnn_badnets.onnx --data models/data/clean \\
           --probe models/triggers/badnets_3x3.json --format json -o scan.json
     """
-    from scanner.report import scan_table, to_json
-    from scanner.scan import scan
+    from scanner.commands.scan import scan
+    from scanner.context import ModelContext
+    from scanner.fileio import check_output
+    from scanner.report.tables import scan_table, to_json
 
-    if output:
-        from scanner.fileio import check_output
-
-        check_output(output, force, [model])
+    for path in (output, html_out):
+        if path:
+            check_output(path, force, [model])
+    ctx = ModelContext.open(model, preprocess, device, threads, batch_size)
+    report = scan(ctx, data, probe, layers, limit=limit, top=top, min_images=min_images)
     if html_out:
-        from scanner.fileio import check_output
+        from scanner.report.html import scan_html
 
-        check_output(html_out, force, [model])
-    report = scan(model, data, probe, layers, device, batch_size, threads, limit, preprocess, top)
-    if html_out:
-        from scanner.html import scan_html
-
-        emit(scan_html(report, model, data, probe, preprocess, device, threads), html_out, True, [model])
+        emit(scan_html(report, ctx, data, probe), html_out, True, [model])
     emit(to_json(report) if fmt == "json" else scan_table(report, top), output, True, [model])
     return EXIT_OK
-
-
-def _repair_table(report):
-    """Before/after table of a prune or sanitize report."""
-    from scanner.report import table
-
-    b, a = report["before"], report["after"]
-    rows = [["channels pruned", 0, report["pruned_count"]]]
-    if "accuracy" in b:
-        rows.append(["clean accuracy", f"{b['accuracy']:.2%}", f"{a['accuracy']:.2%}"])
-    rows.append(["clean agreement", f"{b['agreement']:.2%}", f"{a['agreement']:.2%}"])
-    for i, p in enumerate(report["probes"]):
-        rows.append([f"probe success -> {p['target']}", f"{b['probe_success'][i]:.2%}", f"{a['probe_success'][i]:.2%}"])
-    if report.get("refit"):
-        rows.append(["head refit", "-", report["rule"].get("method")])
-    lines = [table(["", "before", "after"], rows)]
-    for entry in report["pruned"]:
-        lines.append(f"pruned {entry['layer']}: {len(entry['channels'])} channel(s) {entry['channels'][:16]}{' ...' if len(entry['channels']) > 16 else ''}")
-    return "\n".join(lines) + "\n"
 
 
 def prune_options(fn):
@@ -240,7 +223,7 @@ def model_output_options(fn):
 @model_output_options
 @command
 def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, target, preprocess, device, batch_size,
-              threads, limit, fmt, report_out, force):
+              threads, limit, min_images, fmt, report_out, force):
     """The paper's defense: rank channels by l-inf rise on probe images, zero the top ones, write a verified model.
 
     \b
@@ -248,15 +231,15 @@ def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, tar
       scanner prune models/cnn_badnets.onnx --data models/data/test \\
           --probe models/triggers/badnets_3x3.json --max-accuracy-drop 0.02 -o pruned.onnx
     """
+    from scanner.commands.prune import prune_model
     from scanner.fileio import check_output
-    from scanner.repair import prune_model
-    from scanner.report import to_json
+    from scanner.report.tables import repair_table, to_json
 
     if report_out:
         check_output(report_out, force, [model])
     report, _ = prune_model(model, data, probe, model_out, layers, count, ratio, max_drop, force, device, threads,
-                            batch_size, limit, preprocess, target)
-    status(_repair_table(report))
+                            batch_size, limit, preprocess, target, min_images=min_images)
+    status(repair_table(report))
     if report_out:
         emit(to_json(report), report_out, True, [model])
     if fmt == "json":
@@ -283,7 +266,7 @@ def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, tar
 @model_output_options
 @command
 def sanitize_cmd(model, data, probes, model_out, method, max_drop, always, budget, seed, triggers_dir, layers, target,
-                 preprocess, device, batch_size, threads, limit, fmt, report_out, force):
+                 preprocess, device, batch_size, threads, limit, min_images, fmt, report_out, force):
     """Find and remove a backdoor; write a verified, sanitized model (exit 1 when one was found and removed).
 
     Without --probe: synthesize the smallest trigger per class (forward passes only), decide (clean /
@@ -296,28 +279,27 @@ def sanitize_cmd(model, data, probes, model_out, method, max_drop, always, budge
       scanner sanitize models/cnn_blend.onnx --data models/data/clean \\
           --probe models/triggers/blend_random.json -o sanitized.onnx
     """
+    from scanner.commands.sanitize import sanitize_blind, sanitize_with_probes
+    from scanner.detect.synthesis import Config
     from scanner.errors import EXIT_FINDINGS
     from scanner.fileio import check_output
-    from scanner.repair import sanitize_with_probes
-    from scanner.report import to_json
+    from scanner.report.tables import repair_table, to_json, verdict_table
 
     if report_out:
         check_output(report_out, force, [model])
     if not probes:
-        from scanner.synthesis import Config
-        from scanner.verdict import sanitize_blind, verdict_table
-
         report, proto, found = sanitize_blind(model, data, model_out, force, always, device, threads, batch_size, limit,
-                                              preprocess, Config(seed=seed), triggers_dir=triggers_dir, budget=budget)
+                                              preprocess, Config(seed=seed), triggers_dir=triggers_dir, budget=budget,
+                                              min_images=min_images)
         status(verdict_table(report))
         if "repair" in report:
-            status(_repair_table({**report["repair"], "pruned_count": 0, "pruned": [], "refit": True,
-                                  "rule": {"method": "refit"}}))
+            status(repair_table(report["repair"]))
     else:
         report, proto, found = sanitize_with_probes(model, data, list(probes), model_out, method, layers, max_drop, force,
                                                     always, device, threads, batch_size, limit, preprocess,
-                                                    None if target is None else [target] * len(probes))
-        status(_repair_table(report))
+                                                    None if target is None else [target] * len(probes),
+                                                    min_images=min_images)
+        status(repair_table(report))
     if report_out:
         emit(to_json(report), report_out, True, [model])
     if fmt == "json":
@@ -334,7 +316,8 @@ def sanitize_cmd(model, data, probes, model_out, method, max_drop, always, budge
 @data_options
 @output_options()
 @command
-def evaluate_cmd(model, data, trigger, target, compare, preprocess, device, batch_size, threads, limit, fmt, output, force):
+def evaluate_cmd(model, data, trigger, target, compare, preprocess, device, batch_size, threads, limit, min_images, fmt,
+                 output, force):
     """Clean accuracy and attack success rate (on images whose true class is not the target).
 
     \b
@@ -342,14 +325,14 @@ def evaluate_cmd(model, data, trigger, target, compare, preprocess, device, batc
       scanner evaluate models/cnn_badnets.onnx --data models/data/test \\
           --trigger models/triggers/badnets_3x3.json --target 0 --compare pruned.onnx
     """
-    from scanner.evaluate import evaluate
-    from scanner.report import evaluate_table, to_json
+    from scanner.commands.evaluate import evaluate
+    from scanner.report.tables import evaluate_table, to_json
 
     if output:
         from scanner.fileio import check_output
 
         check_output(output, force, [model])
-    report = evaluate(model, data, trigger, target, compare, device, batch_size, threads, limit, preprocess)
+    report = evaluate(model, data, trigger, target, compare, device, batch_size, threads, limit, preprocess, min_images)
     emit(to_json(report) if fmt == "json" else evaluate_table(report), output, True, [model])
     return EXIT_OK
 
@@ -374,23 +357,18 @@ Exit codes (several models: the worst, in the order 2, 1, 3, 0):
 @click.option("--policy", "policy_file", type=click.Path(dir_okay=False), help="Policy file (.toml; .yaml/.yml with PyYAML).")
 @click.option("--fail-on", type=click.Choice(["suspicious", "backdoored", "never"]), default=None,
               help="Verdicts at or above this level fail [policy default: backdoored].")
-@click.option("--min-images", "policy_min_images", type=click.IntRange(1), default=None,
-              help="Fewer usable clean images fail the model [policy default: 100].")
 @click.option("--max-anomaly", type=float, default=None, help="Fail when a working trigger's size anomaly index exceeds this.")
 @click.option("--max-fingerprint-z", type=float, default=None, help="Fail when a working trigger's l-inf fingerprint z exceeds this.")
 @click.option("--allow-unanalysable", is_flag=True, default=None, help="A model without a supported layer passes (with a warning).")
 @click.option("--budget", type=click.FloatRange(0), default=None,
               help="Seconds of trigger search per model (0: no time limit, reproducible) [default: the synthesis default].")
 @click.option("--seed", type=click.IntRange(0), default=None, help="Seed of the trigger search [default 0].")
-@click.option("--preprocess", "preprocess", type=click.Path(dir_okay=False), help="Preprocessing JSON (overrides the model's metadata).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="onnxruntime provider.")
-@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="onnxruntime intra-op threads.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Use at most N images.")
+@data_options(min_images_default=None, min_images_help="Fewer usable clean images fail the model [policy default: 100].")
 @output_options(("table", "json", "sarif"))
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), help="Also write a self-contained HTML audit to FILE.")
 @command
-def gate_cmd(models, data, policy_file, fail_on, policy_min_images, max_anomaly, max_fingerprint_z, allow_unanalysable,
-             budget, seed, preprocess, device, threads, limit, fmt, output, force, html_out):
+def gate_cmd(models, data, policy_file, fail_on, max_anomaly, max_fingerprint_z, allow_unanalysable, budget, seed,
+             preprocess, device, batch_size, threads, limit, min_images, fmt, output, force, html_out):
     """Deployment gate: detect backdoors (no repair) in one or more models and judge them by a policy.
 
     MODELS are .onnx files or folders of them. The product (table, JSON report or SARIF 2.1.0 log) goes to
@@ -401,22 +379,23 @@ def gate_cmd(models, data, policy_file, fail_on, policy_min_images, max_anomaly,
       scanner gate models/cnn_badnets.onnx --data models/data/clean
       scanner gate models/ --data models/data/clean --policy gate.toml --format sarif -o gate.sarif --html audit.html
     """
+    from scanner.commands.gate import run_gate
     from scanner.fileio import check_output
-    from scanner.gate import gate_table, load_policy, run_gate
-    from scanner.report import color_enabled, to_json
+    from scanner.policy import load_policy
+    from scanner.report.tables import color_enabled, gate_table, to_json
 
     for path in (output, html_out):
         if path:
             check_output(path, force, list(models))
-    overrides = {"fail_on": fail_on, "min_images": policy_min_images, "max_anomaly": max_anomaly,
+    overrides = {"fail_on": fail_on, "min_images": min_images, "max_anomaly": max_anomaly,
                  "max_fingerprint_z": max_fingerprint_z, "unanalysable": "pass" if allow_unanalysable else None,
                  "budget": budget, "seed": seed, "limit": limit}
     policy = load_policy(policy_file, overrides)
-    report, artefacts = run_gate(models, data, policy, preprocess, device, threads, keep=bool(html_out))
+    report, artefacts = run_gate(models, data, policy, preprocess, device, threads, keep=bool(html_out), batch_size=batch_size)
     if fmt == "json":
         product = to_json(report)
     elif fmt == "sarif":
-        from scanner.sarif import to_sarif_json
+        from scanner.report.sarif import to_sarif_json
 
         product = to_sarif_json(report)
     else:
@@ -424,9 +403,9 @@ def gate_cmd(models, data, policy_file, fail_on, policy_min_images, max_anomaly,
     if fmt != "table" or output:
         status(gate_table(report, color=color_enabled(sys.stderr)))
     if html_out:
-        from scanner.html import gate_html
+        from scanner.report.html import gate_html
 
-        emit(gate_html(report, artefacts, device=device, threads=threads), html_out, True, list(models))
+        emit(gate_html(report, artefacts), html_out, True, list(models))
     emit(product, output, True, list(models))
     return report["exit_code"]
 

@@ -119,9 +119,9 @@ def proto_edit(model, edit, value, rng):
 
 def check_loader(path, run=True):
     """The loader property. Returns "refused", "loaded" or "ran"; any exception but ScannerError propagates."""
-    from scanner.inspect import inspect_model
-    from scanner.model import load_model
-    from scanner.runtime import Session
+    from scanner.commands.inspect import inspect_model
+    from scanner.graph.model import load_model
+    from scanner.runtime.session import Session
 
     try:
         model = load_model(path)

@@ -11,19 +11,19 @@ from pathlib import Path
 
 import pytest
 
-import scanner.gate
+import scanner.commands.gate
 
 _CACHE = {}
-_REAL = scanner.gate.analyse
+_REAL = scanner.commands.gate.analyse
 
 
-def cached_analyse(path, images, policy, preprocess=None, device="auto", threads=None, keep=False):
+def cached_analyse(path, images, policy, preprocess=None, device="auto", threads=None, keep=False, batch_size=128):
     p = Path(path)
     digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else str(p)
     key = (digest, repr(policy.analysis), policy.min_images, str(Path(images.path).resolve()), len(images), preprocess)
     if key not in _CACHE:
         try:
-            _CACHE[key] = ("ok", _REAL(path, images, policy, preprocess, device, threads, keep=True))
+            _CACHE[key] = ("ok", _REAL(path, images, policy, preprocess, device, threads, True, batch_size))
         except Exception as exc:  # errors are replayed too (cheap, but keeps behaviour identical)
             _CACHE[key] = ("raise", exc)
     kind, value = _CACHE[key]
@@ -37,4 +37,4 @@ def cached_analyse(path, images, policy, preprocess=None, device="auto", threads
 
 @pytest.fixture(autouse=True)
 def _cache_analyses(monkeypatch):
-    monkeypatch.setattr(scanner.gate, "analyse", cached_analyse)
+    monkeypatch.setattr(scanner.commands.gate, "analyse", cached_analyse)

@@ -15,11 +15,11 @@ import numpy as np
 import onnx
 import pytest
 
-from scanner.instrument import NORMS, instrument
-from scanner.layers import CONV_OPS, discover
-from scanner.model import load_model
-from scanner.runtime import Session
-from scanner.surgery import prune
+from scanner.graph.instrument import NORMS, instrument
+from scanner.graph.layers import CONV_OPS, discover
+from scanner.graph.model import load_model
+from scanner.runtime.session import Session
+from scanner.graph.surgery import prune
 
 DATA = Path(__file__).resolve().parent / "data" / "coverage"
 MANIFEST = json.loads((DATA / "manifest.json").read_text())

@@ -4,7 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from scanner.data.images import ImageSet, Preprocess, default_preprocess, resolve_preprocess
+from scanner.data.images import ImageSet
+from scanner.data.preprocess import Preprocess, default_preprocess, resolve_preprocess
 from scanner.errors import ScannerError
 
 GRAY = Preprocess(size=(28, 28), color="gray", layout="NCHW")

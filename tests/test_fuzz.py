@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fuzzing import BYTE_OPS, PROTO_EDITS, check_loader, mutate_bytes, proto_edit, random_graph
-from scanner.instrument import NORMS, instrument
-from scanner.layers import discover
-from scanner.surgery import prune
+from scanner.graph.instrument import NORMS, instrument
+from scanner.graph.layers import discover
+from scanner.graph.surgery import prune
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,

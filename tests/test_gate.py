@@ -15,12 +15,13 @@ from conftest import CLEAN, MODELS, ROOT
 from gatecache import _cache_analyses  # noqa: F401  (autouse fixture)
 from onnx import TensorProto, helper, numpy_helper
 
-from scanner.gate import DEFAULT_POLICY, load_policy, worst
+from scanner.commands.gate import worst
+from scanner.policy import DEFAULT_POLICY, load_policy
 
 CLEAN_MODEL = MODELS / "cnn_clean.onnx"
 BADNETS = MODELS / "cnn_badnets.onnx"
 SARIF_SCHEMA = json.loads((ROOT / "tests" / "data" / "sarif-2.1.0.json").read_text())
-REPORT_SCHEMA = json.loads((ROOT / "scanner" / "schemas" / "report.schema.json").read_text())
+REPORT_SCHEMA = json.loads((ROOT / "scanner" / "report" / "schemas" / "report.schema.json").read_text())
 FAST = ("--budget", "0", "--threads", "2")
 
 
@@ -219,7 +220,7 @@ def test_table_no_color_when_not_a_terminal(run_cli, monkeypatch):
 
 
 def test_colored_table():
-    from scanner.gate import gate_table
+    from scanner.report.tables import gate_table
 
     report = {"models": [{"path": "m.onnx", "status": "failed", "verdict": "backdoored", "targets": [3], "reasons": ["r"],
                           "warnings": [], "candidates": []}],

@@ -514,13 +514,13 @@ def test_interrupt_mid_write_leaves_nothing(tmp_path):
 
 def test_interrupt_during_prune_write(work, run_cli, monkeypatch):
     """Ctrl-C while the pruned model is being written: exit 130, no output, no temp file."""
-    import scanner.repair
+    import scanner.repair.verify
 
     def interrupted_save(proto, path, *a, **k):
         Path(path).write_bytes(proto.SerializeToString()[:1000])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(scanner.repair.onnx, "save", interrupted_save)
+    monkeypatch.setattr(scanner.repair.verify.onnx, "save", interrupted_save)
     before = snapshot(work)
     code, out, err = run_cli("prune", work / "model.onnx", "--data", work / "images", "--probe", TRIGGER,
                              "--count", 1, "-o", work / "out" / "pruned.onnx")

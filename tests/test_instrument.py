@@ -8,8 +8,8 @@ import onnx
 import pytest
 
 from scanner.errors import ScannerError
-from scanner.instrument import NORMS, instrument
-from scanner.layers import discover, select
+from scanner.graph.instrument import NORMS, instrument
+from scanner.graph.layers import discover, select
 
 run = graphs.run
 

@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 from scanner.errors import NothingToAnalyse, ScannerError
-from scanner.layers import discover, find_weight, select
+from scanner.graph.layers import discover, find_weight, select
 
 
 def by_node(layers):

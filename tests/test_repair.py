@@ -8,11 +8,14 @@ import pytest
 
 from conftest import CLEAN, MODELS, TEST, zoo_entry, zoo_path
 from scanner.data.images import ImageSet
-from scanner.evaluate import evaluate_model
+from scanner.commands.evaluate import evaluate_model
 from scanner.fileio import atomic_path
-from scanner.layers import discover
-from scanner.model import load_model, sha256_file
-from scanner.repair import Repair, prune_model, sanitize_with_probes, verify
+from scanner.graph.model import load_model, sha256_file
+from scanner.commands.prune import prune_model
+from scanner.commands.sanitize import sanitize_with_probes
+from scanner.context import ModelContext
+from scanner.repair.prune import Repair
+from scanner.repair.verify import verify
 from scanner.data.triggers import Trigger
 
 
@@ -23,7 +26,7 @@ def _ops(model):
 @pytest.fixture(scope="module")
 def badnets_repair():
     entry = zoo_entry("cnn_badnets")
-    return Repair(zoo_path("cnn_badnets"), CLEAN, [MODELS / entry["trigger"]], "last", "cpu")
+    return Repair(ModelContext.open(zoo_path("cnn_badnets"), device="cpu"), CLEAN, [MODELS / entry["trigger"]], "last")
 
 
 def test_probe_target_is_found(badnets_repair):
@@ -34,7 +37,7 @@ def test_probe_target_is_found(badnets_repair):
 def test_ranking_is_by_linf_rise(badnets_repair):
     ranked = badnets_repair.ranking()
     rise = badnets_repair.rise
-    values = [rise[badnets_repair.inst.slices[i][0] + k] for i, k in ranked]
+    values = [rise[badnets_repair.runner.slices[i][0] + k] for i, k in ranked]
     assert values == sorted(values, reverse=True) and values[-1] > 0
 
 
@@ -45,11 +48,11 @@ def test_mask_sweep_matches_real_pruning(badnets_repair, tmp_path):
     assert report["after"] == level.to_dict()
     assert report["pruned"] == [{"layer": lid, "channels": ch} for lid, ch in plan.items()]
     # the written model, run without masks, gives the same predictions as the masked sweep
-    from scanner.evaluate import predict
-    from scanner.runtime import Session
+    from scanner.commands.evaluate import predict
+    from scanner.detect.scan import measure
 
-    preds, _ = predict(Session(str(tmp_path / "p.onnx"), "cpu"), badnets_repair.pre, ImageSet(CLEAN))
-    sweep = badnets_repair.inst.measure(badnets_repair.clean_set, masks=badnets_repair.masks(plan), norms=False)
+    preds, _ = predict(ModelContext.open(tmp_path / "p.onnx", device="cpu").runner(), ImageSet(CLEAN))
+    sweep = measure(badnets_repair.runner, badnets_repair.clean_set, masks=badnets_repair.masks(plan), norms=False)
     assert np.array_equal(preds, sweep.preds)
 
 
@@ -70,7 +73,8 @@ def test_prune_output_verified_and_metadata_kept(badnets_repair, tmp_path):
 def test_empty_prune_is_identical(badnets_repair, tmp_path):
     report, proto = prune_model(None, None, None, tmp_path / "e.onnx", count=0, rep=badnets_repair)
     assert report["pruned_count"] == 0 and report["after"] == report["before"]
-    assert verify(badnets_repair.model, proto, badnets_repair, {}, exact=True)
+    checks = verify(badnets_repair, proto, {}, exact=True)
+    assert checks["passed"] and checks["identical_scores"]
 
 
 def test_existing_output_needs_force(badnets_repair, tmp_path):
@@ -120,7 +124,7 @@ def test_unpaired_probe_folder_falls_back_to_prune(tmp_path, caplog):
     trigger = Trigger.load(MODELS / entry["trigger"])
     import cv2
 
-    from scanner.data.images import Preprocess
+    from scanner.data.preprocess import Preprocess
 
     pixels = ImageSet(CLEAN, limit=200).load_all(Preprocess(size=(28, 28), color="gray")).pixels
     folder = tmp_path / "redteam"

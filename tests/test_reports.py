@@ -16,7 +16,7 @@ SARIF = jsonschema.Draft4Validator(json.loads((ROOT / "tests" / "data" / "sarif-
 
 @pytest.fixture(scope="module")
 def schema():
-    text = resources.files("scanner").joinpath("schemas/report.schema.json").read_text(encoding="utf-8")
+    text = resources.files("scanner.report").joinpath("schemas/report.schema.json").read_text(encoding="utf-8")
     s = json.loads(text)
     jsonschema.Draft202012Validator.check_schema(s)
     return jsonschema.Draft202012Validator(s)
@@ -34,8 +34,8 @@ def test_schema_is_shipped_in_the_package():
 
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
-    assert "schemas/*.json" in cfg["options.package_data"]["scanner"]
-    assert resources.files("scanner").joinpath("schemas/report.schema.json").is_file()
+    assert "schemas/*.json" in cfg["options.package_data"]["scanner.report"]
+    assert resources.files("scanner.report").joinpath("schemas/report.schema.json").is_file()
 
 
 def test_inspect_report(run_cli, schema):
@@ -47,7 +47,7 @@ def test_scan_reports_and_sarif(run_cli, schema):
     schema.validate(plain)
     probed = json_of(run_cli, "scan", BADNETS, "--data", CLEAN, "--probe", TRIGGER, "--limit", "64")
     schema.validate(probed)
-    from scanner.sarif import to_sarif
+    from scanner.report.sarif import to_sarif
 
     log = to_sarif(probed)
     SARIF.validate(log)
@@ -62,12 +62,12 @@ def test_prune_and_sanitize_probe_reports(run_cli, schema, tmp_path):
     sanitized = json_of(run_cli, "sanitize", BADNETS, "--data", CLEAN, "--probe", TRIGGER, "--limit", "100",
                         "-o", tmp_path / "s.onnx", code=1)
     schema.validate(sanitized)
-    from scanner.sarif import to_sarif
+    from scanner.report.sarif import to_sarif
 
     log = to_sarif(sanitized)
     SARIF.validate(log)
     assert log["runs"][0]["results"][0]["ruleId"] == "SCN001"
-    from scanner.html import sanitize_html
+    from scanner.report.html import sanitize_html
 
     page = sanitize_html(sanitized)
     assert "before / after" in page and "<script" not in page
@@ -81,10 +81,10 @@ def test_sanitize_synthesized_report(run_cli, schema, tmp_path):
     report = json.loads(out)
     assert report.get("mode") == "synthesized"
     schema.validate(report)
-    from scanner.sarif import to_sarif
+    from scanner.report.sarif import to_sarif
 
     SARIF.validate(to_sarif(report))
-    from scanner.html import sanitize_html
+    from scanner.report.html import sanitize_html
 
     page = sanitize_html(report)
     assert "data:image/png;base64," in page and "<script" not in page

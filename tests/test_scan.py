@@ -1,16 +1,16 @@
 """The scan ranks the channels whose l-inf rises most under the trigger first (checked independently)."""
 
 import numpy as np
-import onnx
 import pytest
 
 from conftest import CLEAN, MODELS, zoo_manifest
-from scanner.data.images import ImageSet, resolve_preprocess
-from scanner.instrument import instrument
-from scanner.layers import discover
-from scanner.model import load_model
-from scanner.runtime import Session
-from scanner.scan import scan
+from scanner.data.images import ImageSet
+from scanner.data.preprocess import resolve_preprocess
+from scanner.graph.instrument import instrument
+from scanner.graph.layers import discover
+from scanner.graph.model import load_model
+from scanner.runtime.session import Session
+from scanner.commands.scan import scan
 from scanner.data.triggers import Trigger
 
 

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scanner.errors import ScannerError
-from scanner.instrument import instrument
-from scanner.layers import discover, find_weight
-from scanner.surgery import linear_weights, prune, record, set_linear
+from scanner.graph.instrument import instrument
+from scanner.graph.layers import discover, find_weight
+from scanner.graph.surgery import linear_weights, prune, record, set_linear
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 run = graphs.run

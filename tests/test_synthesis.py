@@ -4,24 +4,27 @@ import numpy as np
 import pytest
 from conftest import CLEAN, zoo_entry, zoo_path
 
-from scanner.synthesis import Config, Oracle, Synthesizer, load_pixels, variants
+from scanner.context import ModelContext
+from scanner.data.images import ImageSet
+from scanner.detect.synthesis import Config, Synthesizer, search_runner, variants
 from scanner.data.triggers import Trigger
 
 SMALL = dict(steps=40, val_images=160, budget=None)
 
 
 def _synth(name, families, targets, seed=0, **kw):
-    oracle = Oracle(zoo_path(name), threads=2)
-    pixels = load_pixels(CLEAN, oracle.pre, limit=400)
-    return Synthesizer(oracle, pixels, Config(seed=seed, families=families, **{**SMALL, **kw})).run(targets)
+    ctx = ModelContext.open(zoo_path(name), threads=2)
+    pixels = ImageSet(CLEAN, limit=400).load_all(ctx.preprocess).pixels
+    return Synthesizer(search_runner(ctx), pixels, Config(seed=seed, families=families, **{**SMALL, **kw})).run(targets)
 
 
 def _asr(name, trigger, target, limit=400):
     """Success of ``trigger`` on clean images the model does not already put in ``target``."""
-    oracle = Oracle(zoo_path(name), threads=2, fingerprint=False)
-    pixels = load_pixels(CLEAN, oracle.pre, limit=limit)
-    clean = oracle.run(pixels)[0].argmax(1)
-    hit = oracle.run(trigger.apply(pixels, color=oracle.pre.color))[0].argmax(1)
+    ctx = ModelContext.open(zoo_path(name), threads=2)
+    runner = ctx.runner()
+    pixels = ImageSet(CLEAN, limit=limit).load_all(ctx.preprocess).pixels
+    clean = runner.run(pixels).preds
+    hit = runner.run(trigger.apply(pixels, color=ctx.preprocess.color)).preds
     keep = clean != target
     return float((hit[keep] == target).mean())
 
@@ -62,7 +65,7 @@ def test_same_seed_same_result():
 
 
 def test_variants_stay_in_the_image():
-    from scanner.synthesis import Candidate
+    from scanner.detect.synthesis import Candidate
 
     cand = Candidate("patch", 0, np.zeros((3, 3, 1), np.float32), (25, 25, 3, 3), shape=(28, 28))
     found = variants(cand, (28, 28))

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from conftest import CLEAN, MODELS, TEST, zoo_entry, zoo_path
 
-from scanner.model import load_model
-from scanner.verdict import anomaly_index, channel_lipschitz
+from scanner.context import ModelContext
+from scanner.detect.verdict import anomaly_index
+from scanner.detect.weights import channel_lipschitz
 
 
 def test_anomaly_index_small_side():
@@ -19,8 +20,8 @@ def test_anomaly_index_small_side():
 
 
 def test_clp_same_for_folded_and_unfused_batchnorm():
-    rows = [channel_lipschitz(load_model(zoo_path(n)).proto)["layers"] for n in
-            ("cnn_badnets", "cnn_badnets_legacy", "cnn_badnets_bnunfused")]
+    rows = [channel_lipschitz(ctx.proto, ctx.layers)["layers"] for ctx in (ModelContext.open(zoo_path(n)) for n in
+            ("cnn_badnets", "cnn_badnets_legacy", "cnn_badnets_bnunfused"))]
     for layer in zip(*rows):
         assert len({r["channels"] for r in layer}) == 1
         assert max(r["max_z"] for r in layer) - min(r["max_z"] for r in layer) < 1e-2
@@ -28,7 +29,7 @@ def test_clp_same_for_folded_and_unfused_batchnorm():
 
 
 def _evaluate(path, trigger, target):
-    from scanner.evaluate import evaluate
+    from scanner.commands.evaluate import evaluate
 
     report = evaluate(path, TEST, trigger, target, threads=2)
     m = report["models"][0]

@@ -4,8 +4,8 @@ import pytest
 
 from conftest import MODELS, TEST, zoo_manifest
 from scanner.data.images import ImageSet
-from scanner.evaluate import evaluate_model
-from scanner.model import load_model, sha256_file
+from scanner.commands.evaluate import evaluate_model
+from scanner.graph.model import load_model, sha256_file
 from scanner.data.triggers import Trigger
 
 

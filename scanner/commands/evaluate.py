@@ -1,28 +1,29 @@
-"""Clean accuracy and attack success rate, measured with onnxruntime."""
+"""``scanner evaluate``: clean accuracy and attack success rate, measured with onnxruntime."""
 
 import time
 
 import numpy as np
 
-from scanner.data.images import ImageSet, resolve_preprocess
-from scanner.errors import ScannerError
-from scanner.model import ModelFile, load_model
-from scanner.progress import Progress
-from scanner.runtime import Session
+from scanner.context import ModelContext
+from scanner.data.images import ImageSet
 from scanner.data.triggers import Trigger
+from scanner.errors import ScannerError
+from scanner.progress import Progress
 
 
-def predict(session, pre, images, trigger=None, batch_size=64, label="eval"):
-    """Predicted classes (and labels, when the set has them) for ``images``, ``trigger`` stamped on if given."""
+def predict(runner, images, trigger=None, label="eval"):
+    """Predicted classes (and labels, when the set has them) of ``images`` through ``runner``, ``trigger`` on if given."""
     preds, labels = [], []
+    saved = runner.progress
     with Progress(len(images), label) as bar:
-        for batch in images.batches(pre, batch_size):
-            pixels = batch.pixels if trigger is None else trigger.apply(batch.pixels, color=pre.color)
-            logits = session.run(pre.to_tensor(pixels), [session.output_names[0]])[session.output_names[0]]
-            preds.append(logits.reshape(len(pixels), -1).argmax(1))
-            if batch.labels is not None:
-                labels.append(batch.labels)
-            bar.advance(len(pixels))
+        runner.progress = bar
+        try:
+            for batch, out in runner.stream(images, trigger):
+                preds.append(out.preds)
+                if batch.labels is not None:
+                    labels.append(batch.labels)
+        finally:
+            runner.progress = saved
     return np.concatenate(preds), (np.concatenate(labels) if labels else None)
 
 
@@ -35,27 +36,28 @@ def attack_success(preds, labels, target):
 
 
 def evaluate_model(model, images, trigger=None, target=None, device="auto", batch_size=64, threads=None, preprocess=None):
-    """Metrics of one model on a labeled ImageSet: clean accuracy, and ASR with a trigger and target."""
-    model = model if isinstance(model, ModelFile) else load_model(model)
-    pre = resolve_preprocess(model.input.shape, model.input.dtype, model.metadata, preprocess, source=model.path)
-    session = Session(model.proto, device, threads, source=model.path)
+    """Metrics of one model (a path or a ModelContext) on a labeled image set: clean accuracy, and ASR with a
+    trigger and target. Returns (metrics, clean predictions)."""
+    ctx = model if isinstance(model, ModelContext) else ModelContext.open(model, preprocess, device, threads, batch_size)
+    runner = ctx.runner()
     start = time.perf_counter()
-    preds, labels = predict(session, pre, images, None, batch_size, "clean")
-    out = {"model": str(model.path), "sha256": model.sha256, "images": int(len(preds)), "provider": session.provider}
+    preds, labels = predict(runner, images, None, "clean")
+    out = {"model": str(ctx.path), "sha256": ctx.model.sha256, "images": int(len(preds)), "provider": runner.provider}
     out["clean_accuracy"] = round(float((preds == labels).mean()), 6)
     if trigger is not None:
-        tpreds, _ = predict(session, pre, images, trigger, batch_size, "triggered")
+        tpreds, _ = predict(runner, images, trigger, "triggered")
         out["attack_success_rate"] = round(attack_success(tpreds, labels, target), 6)
         out["attack_images"] = int((labels != target).sum())
     out["seconds"] = round(time.perf_counter() - start, 3)
     return out, preds
 
 
-def evaluate(model, data, trigger=None, target=None, compare=None, device="auto", batch_size=64, threads=None, limit=None, preprocess=None):
+def evaluate(model, data, trigger=None, target=None, compare=None, device="auto", batch_size=64, threads=None, limit=None,
+             preprocess=None, min_images=1):
     """``scanner evaluate``: metrics of ``model`` (and ``compare``) on labeled data, with deltas."""
     if (trigger is None) != (target is None):
         raise ScannerError("--trigger and --target go together")
-    images = ImageSet(data, labeled=True, limit=limit)
+    images = ImageSet(data, labeled=True, limit=limit, min_images=min_images)
     trig = Trigger.load(trigger) if trigger is not None and not isinstance(trigger, Trigger) else trigger
     report = {"schema": "scanner.evaluate/1", "data": str(data), "trigger": str(trigger) if trigger else None, "target": target}
     first, preds = evaluate_model(model, images, trig, target, device, batch_size, threads, preprocess)

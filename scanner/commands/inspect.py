@@ -1,18 +1,15 @@
 """``scanner inspect``: model facts, preprocessing and the layer table."""
 
-from scanner.data.images import resolve_preprocess
-from scanner.layers import discover
-from scanner.model import load_model
+from scanner.context import ModelContext
 
 
-def inspect_model(path, preprocess=None):
-    """JSON-ready facts about a model and its neuron layers."""
-    model = load_model(path)
-    pre = resolve_preprocess(model.input.shape, model.input.dtype, model.metadata, preprocess, source=model.path)
-    layers = discover(model.proto)
+def inspect_model(model, preprocess=None):
+    """JSON-ready facts about a model (a path or a ModelContext) and its neuron layers."""
+    ctx = model if isinstance(model, ModelContext) else ModelContext.open(model, preprocess)
+    pre = ctx.preprocess
     return {
         "schema": "scanner.inspect/1",
-        "model": model.facts(),
+        "model": ctx.model.facts(),
         "preprocess": pre.to_dict(),
         "preprocess_sources": pre.sources,
         "layers": [
@@ -30,6 +27,6 @@ def inspect_model(path, preprocess=None):
                 "is_last_conv": l.is_last_conv,
                 "is_head": l.is_head,
             }
-            for l in layers
+            for l in ctx.layers
         ],
     }

@@ -375,7 +375,7 @@ def _spatial(shape, rank, channel_axis):
     return tuple(dims) if all(d for d in dims) else None
 
 
-def _batch_dim(gi):
+def batch_dim(gi):
     """The image input's batch dim (int or symbol), or None when unknown."""
     for vi in gi.model.graph.input:
         if vi.name not in gi.initializers:
@@ -439,7 +439,7 @@ def discover(model):
     Layers whose read tensor does not have the batch on axis 0 (known from shape inference) are left out.
     """
     gi = GraphIndex(model)
-    batch = _batch_dim(gi)
+    batch = batch_dim(gi)
     probed = {} if isinstance(batch, int) else _probe_dim0(gi)
     found = []
     for i, node in enumerate(gi.nodes):

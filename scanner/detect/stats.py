@@ -6,7 +6,8 @@ reservoir sample (seeded) for quantiles.
 
 import numpy as np
 
-NORMS = ("linf", "l1", "l2")
+from scanner.graph.instrument import NORMS
+
 QUANTILES = (0.5, 0.9, 0.99)
 RESERVOIR_BYTES = 64 << 20
 OUTLIER_Z = 3.5

@@ -1,8 +1,10 @@
-"""Reports for people (terminal tables) and machines (JSON)."""
+"""Reports for people (terminal tables, on stderr or stdout) and machines (JSON)."""
 
 import json
 import os
 import sys
+
+from scanner.policy import STATUSES
 
 
 def to_json(report):
@@ -141,3 +143,104 @@ def evaluate_table(report):
     if "delta" in report:
         rows.append(["prediction agreement", "", f"{report['delta']['prediction_agreement']:.2%}", ""])
     return table(headers, rows) + "\n"
+
+
+def repair_table(report):
+    """Before/after table of a prune or sanitize report."""
+    b, a = report["before"], report["after"]
+    rows = [["channels pruned", 0, report["pruned_count"]]]
+    if "accuracy" in b:
+        rows.append(["clean accuracy", f"{b['accuracy']:.2%}", f"{a['accuracy']:.2%}"])
+    rows.append(["clean agreement", f"{b['agreement']:.2%}", f"{a['agreement']:.2%}"])
+    for i, p in enumerate(report["probes"]):
+        rows.append([f"probe success -> {p['target']}", f"{b['probe_success'][i]:.2%}", f"{a['probe_success'][i]:.2%}"])
+    if report.get("refit"):
+        rows.append(["head refit", "-", report["rule"].get("method")])
+    lines = [table(["", "before", "after"], rows)]
+    for entry in report["pruned"]:
+        lines.append(f"pruned {entry['layer']}: {len(entry['channels'])} channel(s) {entry['channels'][:16]}{' ...' if len(entry['channels']) > 16 else ''}")
+    return "\n".join(lines) + "\n"
+
+
+def verdict_table(report):
+    """Human summary of a synthesized-trigger sanitize report (for stderr)."""
+    ev = report["evidence"]
+    syn = ev["synthesis"]
+    rows = []
+    for i, row in enumerate(syn["classes"]):
+        cells = [row["target"]]
+        for fam in syn["families"]:
+            c = row.get(fam)
+            if c is None:
+                cells += ["-", "-", "-"]
+                continue
+            size = f"{c['size']:.4f}" if c["works"] else f">{ev['sizes'][fam]['cap']:.2f}"
+            cells += [size, f"{c['success']:.0%}", f"{ev['sizes'][fam]['anomaly'][i]:+.1f}"]
+        rows.append(cells)
+    heads = ["class"] + [h for fam in syn["families"] for h in (f"{fam} size", "success", "anomaly")]
+    lines = [table(heads, rows)]
+    targets = ", ".join(str(t) for t in report["targets"]) or "-"
+    lines.append(f"verdict: {report['verdict']} (target {targets}); {syn['queries']} queries in {syn['seconds']:.1f}s"
+                 + (" (time budget reached)" if syn["truncated"] else ""))
+    for c in report["candidates"][:4]:
+        lines.append(f"  class {c['target']} {c['family']}: {c['trigger']}, size {c['size']:.4f}, success {c['success']:.1%}, "
+                     f"anomaly {c['anomaly']:.1f}, l-inf fingerprint z {c['fingerprint_z']:.1f} -> {c['level']}")
+    if report["verdict"] == "clean" and report.get("output") is None:
+        lines.append("no backdoor found: no model written (use --always to write one anyway)")
+    return "\n".join(lines) + "\n"
+
+
+_COLORS = {"passed": "32", "warned": "33", "skipped": "33", "failed": "31", "unanalysable": "35", "error": "31",
+           "clean": "32", "suspicious": "33", "backdoored": "31"}
+
+
+def _paint(text, key, color):
+    return f"\x1b[{_COLORS[key]}m{text}\x1b[0m" if color and key in _COLORS else text
+
+
+def gate_table(report, color=False):
+    """The terminal summary: one row per model (model, verdict, targets, evidence, policy result)."""
+    rows, notes = [], []
+    for e in report["models"]:
+        verdict = e.get("verdict") or "-"
+        evidence = "-"
+        if e.get("candidates"):
+            c = e["candidates"][0]
+            evidence = f"{c['trigger']}, success {c['success']:.0%}, anomaly {c['anomaly']:.1f}, l-inf z {c['fingerprint_z']:.1f}"
+        elif e.get("evidence"):
+            worst_a = max((max(s["anomaly"]) for s in e["evidence"]["sizes"].values()), default=0.0)
+            evidence = f"largest size anomaly {worst_a:.1f}"
+        elif e.get("error"):
+            msg = e["error"][len(e["path"]) + 2:] if e["error"].startswith(e["path"] + ": ") else e["error"]
+            evidence = msg[:60] + ("..." if len(msg) > 60 else "")
+        targets = ", ".join(str(t) for t in e.get("targets") or []) or "-"
+        rows.append([e["path"], verdict, targets, evidence, e["status"].upper()])
+        for r in e["reasons"]:
+            notes.append(f"  {e['path']}: {r}")
+        for w in e["warnings"]:
+            notes.append(f"  {e['path']}: warning: {w}")
+    text = table(["model", "verdict", "targets", "evidence", "policy"], rows, ["<", "<", "<", "<", "<"])
+    if color:  # color after alignment (escape codes have no width)
+        lines = text.split("\n")
+        for i, e in enumerate(report["models"]):
+            line = lines[i + 2]
+            status = e["status"].upper()
+            k = line.rfind(status)
+            line = line[:k] + _paint(status, e["status"], True) + line[k + len(status):]
+            v = e.get("verdict")
+            if v:
+                k = line.find(" " + v + " ", len(e["path"]))
+                if k >= 0:
+                    line = line[: k + 1] + _paint(v, v, True) + line[k + 1 + len(v):]
+            lines[i + 2] = line
+        text = "\n".join(lines)
+    out = [text]
+    if notes:
+        out += [""] + notes
+    s = report["summary"]
+    parts = [f"{s[k]} {k}" for k in STATUSES if s[k]]
+    result = report["result"].upper()
+    out.append("")
+    out.append(f"gate: {_paint(result, report['result'], color)} (exit {report['exit_code']}): {', '.join(parts)}; "
+               f"policy {report['policy']['source']}; {report['seconds']:.1f}s")
+    return "\n".join(out) + "\n"

@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from scanner.errors import ScannerError
-from scanner.layers import GraphIndex, _all_nodes, copy_model, opset_version
+from scanner.graph.layers import GraphIndex, _all_nodes, batch_dim, copy_model, opset_version
 
 NORMS = ("linf", "l1", "l2")
 PREFIX = "scanner"
@@ -129,16 +129,6 @@ def _norm_parts(b, layer, x, wanted):
     return parts
 
 
-def _batch_dim(model):
-    """The first graph input's batch dim (int or name), else None."""
-    inits = {t.name for t in model.graph.initializer}
-    for vi in model.graph.input:
-        if vi.name not in inits and vi.type.tensor_type.shape.dim:
-            d = vi.type.tensor_type.shape.dim[0]
-            return d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-    return None
-
-
 def _output_info(gi, name):
     """A ValueInfo for exposing tensor ``name`` as a graph output."""
     vi = gi.value_info.get(name)
@@ -200,7 +190,7 @@ def instrument(model, layers, norms=True, masks=False, expose=False, features=()
         if parts[k]:
             out = b.names(f"{PREFIX}_{k}")
             b.nodes.append(helper.make_node("Concat", parts[k], [out], name=b.names(f"{PREFIX}/{k}/Concat"), axis=1))
-            g.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [_batch_dim(model), start]))
+            g.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch_dim(gi), start]))
             result.norm_outputs[k] = out
     existing = {o.name for o in g.output}
     for name in list(result.taps.values()) + list(features):

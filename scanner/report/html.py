@@ -20,6 +20,7 @@ import numpy as np
 
 from scanner import __version__
 from scanner.errors import ScannerError
+from scanner.runtime.runner import probabilities
 
 log = logging.getLogger("scanner")
 SAMPLES = 4
@@ -114,23 +115,9 @@ def _g(x, fmt=".4g"):
 
 
 # ---- model runner ------------------------------------------------------------------------------------
-class Runner:
-    """Class probabilities of pixels through onnxruntime (for predictions and occlusion)."""
-
-    def __init__(self, session, pre, logits):
-        self.session, self.pre, self.logits = session, pre, logits
-
-    def probs(self, pixels, batch_size=256):
-        out = []
-        for s in range(0, len(pixels), batch_size):
-            chunk = pixels[s : s + batch_size]
-            z = self.session.run(self.pre.to_tensor(chunk), [self.logits])[self.logits].reshape(len(chunk), -1)
-            z = z.astype(np.float64)
-            if not (z.min() >= 0 and z.max() <= 1 and np.allclose(z.sum(1), 1, atol=1e-3)):
-                z = np.exp(z - z.max(1, keepdims=True))
-                z /= z.sum(1, keepdims=True)
-            out.append(z)
-        return np.concatenate(out)
+def _probs(runner, pixels):
+    """Class probabilities of ``pixels`` through a :class:`scanner.runtime.runner.Runner`."""
+    return probabilities(runner.run(np.asarray(pixels), norms=False, features=False).scores.astype(np.float64))
 
 
 def occlusion(runner, pixels, target, fill=None):
@@ -150,7 +137,7 @@ def occlusion(runner, pixels, target, fill=None):
         ys.append(h - k)
     if xs[-1] != w - k:
         xs.append(w - k)
-    base = runner.probs(pixels)[:, target]
+    base = _probs(runner, pixels)[:, target]
     maps = np.zeros((n, h, w))
     for i in range(n):
         f = pixels[i].mean((0, 1)) if fill is None else fill
@@ -160,7 +147,7 @@ def occlusion(runner, pixels, target, fill=None):
             for x in xs:
                 batch[j, y : y + k, x : x + k] = f
                 j += 1
-        p = runner.probs(batch)[:, target]
+        p = _probs(runner, batch)[:, target]
         acc, cnt = np.zeros((h, w)), np.zeros((h, w))
         j = 0
         for y in ys:
@@ -439,7 +426,7 @@ def trigger_strip(label, runner, clean, apply, target=None, color="rgb", preview
     """A trigger's strip: preview, clean images and their predictions, triggered images, saliency."""
     clean = np.asarray(clean)[:SAMPLES]
     triggered = apply(clean)
-    p0, p1 = runner.probs(clean), runner.probs(triggered)
+    p0, p1 = _probs(runner, clean), _probs(runner, triggered)
     if target is None:
         target = int(np.bincount(p1.argmax(1)).argmax())
     strip = {
@@ -473,7 +460,7 @@ def _memory_set(images, pixels):
     return MemoryImageSet(source, Batch(pixels, [f"image_{i:05d}" for i in range(len(pixels))]))
 
 
-def _gate_view(entry, art, device, threads):
+def _gate_view(entry, art):
     view = {
         "title": entry["path"], "status": entry["status"], "verdict": entry.get("verdict"), "targets": entry.get("targets"),
         "reasons": entry.get("reasons"), "warnings": entry.get("warnings"), "error": entry.get("error"),
@@ -499,8 +486,8 @@ def _gate_view(entry, art, device, threads):
             i = int(np.argmax(s["anomaly"]))
             picks.append((view["classes"][i], fam))
     picks = picks[:3]
-    pre, color = art.oracle.pre, syn.color
-    runner = Runner(art.oracle.session, pre, art.oracle.logits)
+    pre, color = art.ctx.preprocess, syn.color
+    runner = art.runner
     rng = np.random.RandomState(0)
     sample_idx = rng.choice(len(art.pixels), size=min(SAMPLES * 4, len(art.pixels)), replace=False)
     strips = []
@@ -510,7 +497,7 @@ def _gate_view(entry, art, device, threads):
             continue
         # Show clean images whose class is not the target (the trigger's job is to move them).
         pool = art.pixels[sample_idx]
-        preds = runner.probs(pool).argmax(1)
+        preds = _probs(runner, pool).argmax(1)
         clean = pool[preds != t][:SAMPLES] if (preds != t).sum() >= 1 else pool[:SAMPLES]
         works = "works" if cand.success >= tau else "does not reach the success threshold"
         label = (f"class {t}, {fam}: {cand.describe()}, size {cand.size:.4f}, success {cand.success:.0%} on held-out clean "
@@ -522,32 +509,33 @@ def _gate_view(entry, art, device, threads):
     if picks and picks[0][1] in by_target[picks[0][0]].found:
         t, fam = picks[0]
         cand = by_target[t].found[fam]
-        view["scan"] = measure_channels(art, cand.trigger(color), device, threads, f"synthesized {fam} trigger for class {t}")
+        view["scan"] = measure_channels(art, cand.trigger(color), f"synthesized {fam} trigger for class {t}")
         view["probe_label"] = f"synthesized {fam} trigger for class {t}: {cand.describe()}"
         fp = by_target[t].fingerprint.get(fam) or {}
         view["suspect_channels"] = [c for c, z in zip(fp.get("channels", []), fp.get("z", [])) if z > 3.5]
     return view
 
 
-def measure_channels(art, trigger, device="auto", threads=None, source="synthesized"):
+def measure_channels(art, trigger, source="synthesized"):
     """A scan-like report of the last conv layer on clean images vs the same images with ``trigger``."""
+    from scanner.commands.scan import build_report
     from scanner.data.probes import Probe
-    from scanner.scan import Instrument, build_report
+    from scanner.detect.scan import measure
+    from scanner.graph.instrument import NORMS
 
     started = time.perf_counter()
-    inst = Instrument(art.model, "last", device, threads)
-    inst.preprocess = art.oracle.pre
+    runner = art.ctx.runner(art.ctx.select("last"), norms=NORMS)
     pixels = art.pixels[:STATS_IMAGES]
     images = _memory_set(art.images, pixels)
-    clean = inst.measure(images, label="clean")
+    clean = measure(runner, images, label="clean")
     probe = Probe(trigger=trigger, source=source)
-    probed = inst.measure(images, trigger, label="probe")
-    return build_report(inst, images, clean, probe, probed, time.perf_counter() - started)
+    probed = measure(runner, images, trigger, label="probe")
+    return build_report(art.ctx, runner, images, clean, probe, probed, time.perf_counter() - started)
 
 
-def gate_html(report, artefacts, device="auto", threads=None):
+def gate_html(report, artefacts):
     """The HTML audit of a gate report (``artefacts``: {path: gate.Artefacts} of the analysed models)."""
-    views = [_gate_view(e, artefacts.get(e["path"]), device, threads) for e in report["models"]]
+    views = [_gate_view(e, artefacts.get(e["path"])) for e in report["models"]]
     p = report["policy"]
     sub = (f"Deployment gate: {report['result'].upper()} (exit {report['exit_code']}), {report['summary']['models']} model(s); "
            f"policy {p['source']}: fail on {p['fail_on']}, warn on {p['warn_on']}, min_images {p['min_images']}.")
@@ -555,16 +543,14 @@ def gate_html(report, artefacts, device="auto", threads=None):
 
 
 # ---- scan --------------------------------------------------------------------------------------------
-def scan_html(report, model, data, probe=None, preprocess=None, device="auto", threads=None):
-    """The HTML audit of a scan report: the per-channel picture, top channels, the probe on clean images."""
-    from scanner.data.images import ImageSet, resolve_preprocess
-    from scanner.model import load_model
+def scan_html(report, ctx, data, probe=None):
+    """The HTML audit of a scan report (``ctx``: the scanned model's context): the per-channel picture, top
+    channels, the probe on clean images."""
+    from scanner.data.images import ImageSet
     from scanner.data.probes import Probe
-    from scanner.runtime import Session
 
-    mf = load_model(model)
-    pre = resolve_preprocess(mf.input.shape, mf.input.dtype, mf.metadata, preprocess, source=mf.path)
-    view = {"title": str(mf.path), "facts": report["model"], "preprocess": report["preprocess"],
+    pre = ctx.preprocess
+    view = {"title": str(ctx.path), "facts": report["model"], "preprocess": report["preprocess"],
             "data": {"clean": report["data"]["clean"]["path"], "images": report["data"]["clean"]["images"]},
             "scan": report, "status": None, "verdict": None}
     probe_obj = Probe.open(probe) if probe is not None and not isinstance(probe, Probe) else probe
@@ -576,13 +562,12 @@ def scan_html(report, model, data, probe=None, preprocess=None, device="auto", t
                               if "dominant_class" in eff else "")]
         view["probe_label"] = f"probe {report['probe'].get('source')}"
     if probe_obj is not None:
-        session = Session(mf.proto, device, threads, source=mf.path)
-        runner = Runner(session, pre, mf.outputs[0].name)
+        runner = ctx.runner()
         clean = ImageSet(data, limit=SAMPLES * 4).load_all(pre).pixels
         target = report["probe"]["effect"].get("dominant_class")
         if probe_obj.trigger is not None:
             trig = probe_obj.trigger
-            preds = runner.probs(clean).argmax(1)
+            preds = _probs(runner, clean).argmax(1)
             if target is not None and (preds != target).any():
                 clean = clean[preds != target]
             grey = np.full((1, *pre.size, pre.channels), 128, np.uint8)
@@ -591,13 +576,13 @@ def scan_html(report, model, data, probe=None, preprocess=None, device="auto", t
                                               trig.apply(grey, color=pre.color)[0])]
         else:
             probe_px = probe_obj.images.load_all(pre).pixels[:SAMPLES]
-            p = runner.probs(probe_px)
+            p = _probs(runner, probe_px)
             target = int(np.bincount(p.argmax(1)).argmax()) if target is None else target
             strip = {"label": f"probe images {probe_obj.source}", "target": target, "preview": None, "clean": [],
                      "triggered": [(_pixels_uri(x, pre.color), _pred_caption(q, target)) for x, q in zip(probe_px, p)]}
             strip["saliency"] = _saliency_figure(probe_px, occlusion(runner, probe_px.astype(np.float32), target), pre.color, target)
             view["triggers"] = [strip]
-    return render("scanner audit: scan", f"Per-channel l-inf / l1 / l2 activation norms of {mf.path}", [view])
+    return render("scanner audit: scan", f"Per-channel l-inf / l1 / l2 activation norms of {ctx.path}", [view])
 
 
 # ---- sanitize ----------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import onnx
 from onnx import numpy_helper
 
 from scanner.errors import ScannerError
-from scanner.instrument import Names
-from scanner.layers import LINEAR_OPS, GraphIndex, copy_model
+from scanner.graph.instrument import Names
+from scanner.graph.layers import LINEAR_OPS, GraphIndex, copy_model
 
 
 class _Editor:

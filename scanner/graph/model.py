@@ -1,8 +1,9 @@
 """Load an ONNX model file as untrusted input: validate, hash, and describe it."""
 
+import contextlib
 import hashlib
-import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -287,7 +288,23 @@ def _check_weights(proto):
             _check_finite(np.asarray(arr, np.float64).reshape(-1), t.name)
 
 
-def read_metadata_json(model, key):
-    """A JSON value from ``metadata_props`` or None."""
-    value = model.metadata.get(key)
-    return json.loads(value) if value else None
+def over_2gb(proto):
+    """Whether ``proto`` cannot be serialized in one piece (the 2 GB protobuf limit, with 1 MiB of headroom)."""
+    try:
+        return proto.ByteSize() > MAX_PROTO_BYTES - (1 << 20)
+    except Exception:  # noqa: BLE001 - protobuf refuses to size messages over 2 GB
+        return True
+
+
+@contextlib.contextmanager
+def saved_by_path(proto):
+    """Yield the path of ``proto`` saved with external data in a temp folder (for models over 2 GB, which
+    onnx.checker and onnxruntime take only by path). ``onnx.save`` moves the weights out of the proto in
+    place; they are read back afterwards, so the caller's proto is unchanged."""
+    with tempfile.TemporaryDirectory(prefix="scanner-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        try:
+            onnx.save(proto, path, save_as_external_data=True, location="model.onnx.data")
+            yield path
+        finally:
+            onnx.load_external_data_for_model(proto, tmp)

@@ -221,6 +221,6 @@ def to_sarif(report, base=None, exit_code=None):
 
 
 def to_sarif_json(report, base=None, exit_code=None):
-    from scanner.report import to_json
+    from scanner.report.tables import to_json
 
     return to_json(to_sarif(report, base, exit_code))

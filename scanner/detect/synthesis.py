@@ -30,14 +30,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scanner.data.images import ImageSet, resolve_preprocess
-from scanner.errors import ScannerError
-from scanner.instrument import instrument
-from scanner.layers import discover, select
-from scanner.model import ModelFile, load_model
-from scanner.progress import Progress
-from scanner.runtime import Session
 from scanner.data.triggers import Trigger
+from scanner.detect.stats import robust_z
+from scanner.errors import ScannerError
+from scanner.progress import Progress
+from scanner.runtime.runner import probabilities
 
 log = logging.getLogger("scanner")
 
@@ -197,71 +194,23 @@ class Synthesis:
         }
 
 
-class Oracle:
-    """Forward passes of a model on in-memory pixels: logits and the last-conv layer's per-channel l-inf."""
-
-    def __init__(self, model, preprocess=None, device="auto", threads=None, fingerprint=True):
-        """``model``: a path, a ModelFile, or an in-memory ModelProto (then ``preprocess`` is a Preprocess)."""
-        if hasattr(model, "graph"):
-            if preprocess is None or isinstance(preprocess, (str, bytes)) or not hasattr(preprocess, "to_tensor"):
-                raise ScannerError("an in-memory model needs a Preprocess object")
-            proto, self.pre, self.logits = model, preprocess, model.graph.output[0].name
-        else:
-            mf = model if isinstance(model, ModelFile) else load_model(model)
-            proto, self.logits = mf.proto, mf.outputs[0].name
-            self.pre = preprocess if hasattr(preprocess, "to_tensor") else resolve_preprocess(
-                mf.input.shape, mf.input.dtype, mf.metadata, preprocess)
-        self.layer = None
-        self.norm = None
-        if fingerprint:
-            try:
-                layers = select(discover(proto), "last")
-                self.layer = layers[0]
-                inst = instrument(proto, layers, norms=("linf",))
-                proto, self.norm = inst.model, inst.norm_outputs["linf"]
-            except ScannerError as exc:
-                log.debug("no l-inf fingerprint layer: %s", exc)
-        self.session = Session(proto, device=device, threads=threads)
-        self.queries = 0
-        self.bar = None
-
-    def run(self, pixels, batch_size=512):
-        """(logits (N, K), l-inf (N, C) or None) for float or uint8 pixels (N, H, W, C)."""
-        names = [self.logits] + ([self.norm] if self.norm else [])
-        logits, linf = [], []
-        for s in range(0, len(pixels), batch_size):
-            chunk = pixels[s : s + batch_size]
-            out = self.session.run(self.pre.to_tensor(chunk), names)
-            logits.append(out[self.logits].reshape(len(chunk), -1).astype(np.float32))
-            if self.norm:
-                linf.append(out[self.norm])
-            self.queries += len(chunk)
-            if self.bar is not None:
-                self.bar.advance(len(chunk))
-        return np.concatenate(logits), (np.concatenate(linf) if linf else None)
-
-
-def load_pixels(data, pre, limit=None):
-    """All images of ``data`` (a folder / .npz / ImageSet) as one (N, H, W, C) uint8 array."""
-    images = data if isinstance(data, ImageSet) else ImageSet(data, limit=limit)
-    parts = [b.pixels for b in images.batches(pre, 256)]
-    return np.concatenate(parts)
-
-
-def _softmax(logits):
-    """Class probabilities from logits (outputs that already are probabilities are kept)."""
-    if logits.min() >= 0 and logits.max() <= 1 and np.allclose(logits.sum(1), 1, atol=1e-3):
-        return logits
-    z = logits - logits.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+def search_runner(ctx, batch_size=512):
+    """The runner the search queries: scores, plus the last conv layer's per-channel l-inf (the fingerprint)
+    when the model has such a layer."""
+    layers = [l for l in ctx.layers if l.is_last_conv] or [l for l in ctx.layers if not l.is_head][-1:]
+    if not layers:
+        log.debug("no l-inf fingerprint layer: no layer before the head")
+    return ctx.runner(layers, norms=("linf",), batch_size=batch_size)
 
 
 class Synthesizer:
-    """Trigger synthesis for one model on clean pixels; :meth:`run` does the whole search."""
+    """Trigger synthesis for one model on clean pixels; :meth:`run` does the whole search.
 
-    def __init__(self, oracle, pixels, config=None):
-        self.oracle = oracle
+    ``runner``: a :class:`scanner.runtime.runner.Runner` of the model (see :func:`search_runner`).
+    """
+
+    def __init__(self, runner, pixels, config=None):
+        self.runner = runner
         self.cfg = config or Config()
         self.pixels = np.asarray(pixels)
         n, self.h, self.w, self.c = self.pixels.shape
@@ -278,19 +227,24 @@ class Synthesizer:
         self.truncated = False
 
     # ---- measuring ------------------------------------------------------------------------------
+    def _run(self, pixels):
+        """(scores (N, K), fingerprint-layer l-inf (N, C) or None) of ``pixels``."""
+        out = self.runner.run(pixels, batch_size=self.cfg.batch_size)
+        return out.scores, out.norms.get("linf")
+
     def _clean(self):
-        logits, linf = self.oracle.run(self.x_val, self.cfg.batch_size)
+        logits, linf = self._run(self.x_val)
         self.val_pred = logits.argmax(1)
         self.classes = logits.shape[1]
         self.clean_linf = linf
-        s_logits, _ = self.oracle.run(self.x_search, self.cfg.batch_size)
+        s_logits, _ = self._run(self.x_search)
         self.search_pred = s_logits.argmax(1)
 
     def _score(self, logits, pred0, targets=None):
         """(success, soft) per (candidate, target) for logits of candidates stacked in groups of len(pred0)."""
         b = len(pred0)
         k = len(logits) // b
-        probs = _softmax(logits).reshape(k, b, -1)
+        probs = probabilities(logits).reshape(k, b, -1)
         hit = probs.argmax(2)
         others = pred0[None, :, None] != np.arange(probs.shape[2])[None, None, :]  # (1, B, K)
         denom = np.maximum(others.sum(1), 1)  # (1, K)
@@ -306,7 +260,7 @@ class Synthesizer:
         if not cands:
             return
         batch = np.concatenate([c.stamp(x) for c in cands])
-        logits, _ = self.oracle.run(batch, self.cfg.batch_size)
+        logits, _ = self._run(batch)
         succ, soft = self._score(logits, pred0, np.array([c.target for c in cands]))
         for c, s, q in zip(cands, succ, soft):
             c.success, c.soft = float(s), float(q)
@@ -378,7 +332,7 @@ class Synthesizer:
         for s in range(0, len(templates), step):
             group = templates[s : s + step]
             batch = np.concatenate([t.stamp(x) for t in group])
-            logits, _ = self.oracle.run(batch, self.cfg.batch_size)
+            logits, _ = self._run(batch)
             a, b = self._score(logits, pred)
             succ, soft = np.vstack([succ, a]), np.vstack([soft, b])
         best, tau = [], self._search_success()
@@ -485,7 +439,7 @@ class Synthesizer:
 
     def _validate(self, cand):
         """Success on the held-out images and the l-inf fingerprint of ``cand``."""
-        logits, linf = self.oracle.run(cand.stamp(self.x_val), self.cfg.batch_size)
+        logits, linf = self._run(cand.stamp(self.x_val))
         succ, soft = self._score(logits, self.val_pred, np.array([cand.target]))
         cand.success, cand.soft = float(succ[0]), float(soft[0])
         if linf is None or self.clean_linf is None:
@@ -523,13 +477,13 @@ class Synthesizer:
         """Search every class (or ``targets``); returns a :class:`Synthesis`."""
         started = time.perf_counter()
         self.deadline = started + self.cfg.budget if self.cfg.budget else None
-        q0 = self.oracle.queries
+        q0 = self.runner.queries
         self._clean()
         targets = list(range(self.classes)) if targets is None else [int(t) for t in targets]
         results = {t: ClassResult(t) for t in targets}
         est = len(targets) * len(self.cfg.families) * (self.cfg.steps * len(self.x_search) + len(self.x_val))
         with Progress(est, "synthesis") as bar:
-            self.oracle.bar = bar
+            self.runner.progress = bar
             try:
                 for f, family in enumerate(self.cfg.families):
                     if self.cfg.budget:  # each family gets its share of the time
@@ -547,15 +501,15 @@ class Synthesizer:
                             results[cand.target].fingerprint[family] = fp
                         log.debug("class %d %s: %s success %.3f size %.4f", cand.target, family, cand.describe(), cand.success, cand.size)
             finally:
-                self.oracle.bar = None
+                self.runner.progress = None
         return Synthesis(
             [results[t] for t in targets],
             self.cfg,
-            self.oracle.queries - q0,
+            self.runner.queries - q0,
             time.perf_counter() - started,
             self.truncated,
-            self.oracle.layer.id if self.oracle.layer is not None else None,
-            self.oracle.pre.color,
+            self.runner.layers[0].id if self.runner.layers else None,
+            self.runner.pre.color,
         )
 
 
@@ -590,8 +544,6 @@ def fingerprint(clean_linf, linf, top=3):
 
     ``peak_ratio`` is the triggered mean l-inf of the top channel over its clean 99th percentile.
     """
-    from scanner.stats import robust_z
-
     rise = linf.mean(0) - clean_linf.mean(0)
     z = robust_z(rise)
     order = np.argsort(-z, kind="stable")[:top]
@@ -602,10 +554,3 @@ def fingerprint(clean_linf, linf, top=3):
         "z": [round(float(z[k]), 3) for k in order],
         "peak_ratio": [round(float(ratio[k]), 3) for k in order],
     }
-
-
-def synthesize(model, data, config=None, preprocess=None, device="auto", threads=None, limit=None, targets=None):
-    """Synthesize the smallest trigger per class for ``model`` from clean images at ``data``."""
-    oracle = Oracle(model, preprocess, device, threads)
-    pixels = load_pixels(data, oracle.pre, limit)
-    return Synthesizer(oracle, pixels, config).run(targets)

@@ -2,7 +2,6 @@
 
 import logging
 import os
-import tempfile
 
 import numpy as np
 
@@ -117,26 +116,19 @@ class Session:
 
 def _serialize(model):
     """The model's bytes, or None when it is over the 2 GB protobuf limit."""
+    from scanner.graph.model import over_2gb
+
+    if over_2gb(model):
+        return None
     try:
-        if model.ByteSize() >= 2**31 - 1:
-            return None
         return model.SerializeToString()
     except Exception:  # noqa: BLE001 - protobuf EncodeError "Failed to serialize proto": over 2 GB
         return None
 
 
 def _session_via_file(rt, model, opts, providers):
-    """A session for a model over 2 GB: saved with external data to a temp folder, opened by path.
+    """A session for a model over 2 GB: saved with external data to a temp folder, opened by path."""
+    from scanner.graph.model import saved_by_path
 
-    ``onnx.save`` moves the weights out of the proto in place; they are read back before returning, so
-    the caller's proto is unchanged.
-    """
-    import onnx
-
-    with tempfile.TemporaryDirectory(prefix="scanner-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        try:
-            onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
-            return rt.InferenceSession(path, opts, providers=providers)
-        finally:
-            onnx.load_external_data_for_model(model, tmp)
+    with saved_by_path(model) as path:
+        return rt.InferenceSession(path, opts, providers=providers)

@@ -1,0 +1,1 @@
+"""One module per command: each composes the stages into the pipeline the command runs."""

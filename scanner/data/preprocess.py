@@ -1,0 +1,166 @@
+"""Preprocessing: how 0-255 pixels become the model's input tensor, and where that recipe comes from.
+
+Pixels travel as ``uint8`` arrays (N, H, W, C) at the model's size and color order; triggers are stamped on
+them, then :meth:`Preprocess.to_tensor` makes the model's input. The recipe comes from the model input
+(shape, dtype), then the model's ``scanner.preprocess`` metadata, then ``--preprocess FILE.json``.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from scanner.errors import ScannerError
+from scanner.graph.model import MAX_INPUT_ELEMENTS
+
+COLORS = ("gray", "rgb", "bgr")
+LAYOUTS = ("NCHW", "NHWC")
+DTYPES = ("float32", "float16", "float64", "uint8", "int8")
+
+
+@dataclass
+class Preprocess:
+    """How pixels become the model's input: resize, color, scale, normalize, layout, dtype."""
+
+    size: tuple
+    color: str = "rgb"
+    layout: str = "NCHW"
+    dtype: str = "float32"
+    scale: float = 1.0 / 255.0
+    mean: tuple = (0.0,)
+    std: tuple = (1.0,)
+    sources: list = field(default_factory=list, compare=False)
+
+    KEYS = ("size", "color", "layout", "dtype", "scale", "mean", "std")
+
+    @property
+    def channels(self):
+        """Number of image channels the model reads."""
+        return 1 if self.color == "gray" else 3
+
+    def to_dict(self):
+        """The JSON form (the ``scanner.preprocess`` metadata / ``--preprocess`` file schema)."""
+        d = asdict(self)
+        d.pop("sources")
+        d["size"], d["mean"], d["std"] = list(self.size), list(self.mean), list(self.std)
+        return d
+
+    def updated(self, values, source):
+        """Return a copy with ``values`` (a dict of the JSON keys) applied; validates every key."""
+        if not isinstance(values, dict):
+            raise ScannerError("preprocessing must be a JSON object", source)
+        unknown = set(values) - set(self.KEYS)
+        if unknown:
+            raise ScannerError(f"unknown preprocessing key(s) {sorted(unknown)}; known: {', '.join(self.KEYS)}", source)
+        d = {**self.to_dict(), **values}
+        try:
+            size = tuple(int(v) for v in d["size"])
+            mean = tuple(float(v) for v in np.atleast_1d(d["mean"]))
+            std = tuple(float(v) for v in np.atleast_1d(d["std"]))
+            scale = float(d["scale"])
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ScannerError(f"bad preprocessing value ({exc})", source) from None
+        if len(size) != 2 or min(size) < 1 or max(size) > 16384:
+            raise ScannerError(f"preprocessing 'size' must be [H, W] with 1 <= H, W <= 16384, got {d['size']}", source)
+        if size[0] * size[1] * (1 if d["color"] == "gray" else 3) > MAX_INPUT_ELEMENTS:
+            raise ScannerError(f"preprocessing 'size' {list(size)} is too large (over {MAX_INPUT_ELEMENTS} values per image)", source)
+        if d["color"] not in COLORS:
+            raise ScannerError(f"preprocessing 'color' must be one of {', '.join(COLORS)}, got {d['color']!r}", source)
+        if d["layout"] not in LAYOUTS:
+            raise ScannerError(f"preprocessing 'layout' must be NCHW or NHWC, got {d['layout']!r}", source)
+        if d["dtype"] not in DTYPES:
+            raise ScannerError(f"preprocessing 'dtype' must be one of {', '.join(DTYPES)}, got {d['dtype']!r}", source)
+        channels = 1 if d["color"] == "gray" else 3
+        for name, v in (("mean", mean), ("std", std)):
+            if len(v) not in (1, channels):
+                raise ScannerError(f"preprocessing '{name}' needs 1 or {channels} values, got {len(v)}", source)
+        if any(s == 0 for s in std) or not np.all(np.isfinite(mean + std + (scale,))):
+            raise ScannerError("preprocessing 'std' must be non-zero and all values finite", source)
+        return Preprocess(size, d["color"], d["layout"], d["dtype"], scale, mean, std, self.sources + [str(source)])
+
+    def to_tensor(self, pixels):
+        """(N, H, W, C) pixels 0-255 -> the model's input tensor."""
+        x = np.asarray(pixels, dtype=np.float32)
+        if self.dtype in ("uint8", "int8"):
+            x = x * np.float32(self.scale)
+        else:
+            x = (x * np.float32(self.scale) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        if self.layout == "NCHW":
+            x = x.transpose(0, 3, 1, 2)
+        if self.dtype in ("uint8", "int8"):
+            info = np.iinfo(self.dtype)
+            x = np.clip(np.rint(x), info.min, info.max)
+        return np.ascontiguousarray(x.astype(self.dtype))
+
+
+def default_preprocess(shape, dtype):
+    """Guess preprocessing from a model input's shape (N, C, H, W) or (N, H, W, C) and numpy dtype."""
+    dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
+    if len(dims) != 4:
+        raise ScannerError(f"model input has rank {len(dims)}; an image input needs rank 4")
+    if dims[1] in (1, 3) and dims[3] not in (1, 3):
+        layout, c, h, w = "NCHW", dims[1], dims[2], dims[3]
+    elif dims[3] in (1, 3):
+        layout, c, h, w = "NHWC", dims[3], dims[1], dims[2]
+    else:
+        layout, c, h, w = "NCHW", dims[1], dims[2], dims[3]
+    dtype = np.dtype(dtype).name
+    integer = dtype in ("uint8", "int8")
+    return Preprocess(
+        size=(h or 224, w or 224),
+        color="gray" if c == 1 else "rgb",
+        layout=layout,
+        dtype=dtype if dtype in DTYPES else "float32",
+        scale=1.0 if integer else 1.0 / 255.0,
+        sources=["model input"],
+    )
+
+
+def resolve_preprocess(shape, dtype, metadata=None, override=None, source=None):
+    """Preprocessing from the model input, then its ``scanner.preprocess`` metadata, then a file.
+
+    The result must fit the model input's fixed dimensions and dtype; ``source`` (the model file) is named
+    in errors about the model's own metadata.
+    """
+    try:
+        pre = default_preprocess(shape, dtype)
+    except ScannerError as exc:
+        raise ScannerError(str(exc), source) from None
+    if metadata and "scanner.preprocess" in metadata:
+        try:
+            values = json.loads(metadata["scanner.preprocess"])
+        except ValueError as exc:
+            raise ScannerError(f"model metadata 'scanner.preprocess' is not valid JSON ({exc})", source) from None
+        try:
+            pre = pre.updated(values, "model metadata scanner.preprocess")
+        except ScannerError as exc:
+            raise ScannerError(str(exc), source) from None
+    if override is not None:
+        path = Path(override)
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ScannerError("preprocessing file not found", path) from None
+        except (ValueError, UnicodeDecodeError, OSError, RecursionError) as exc:
+            raise ScannerError(f"cannot read preprocessing JSON ({str(exc)[:160]})", path) from None
+        pre = pre.updated(values, path)
+    _check_fits(pre, shape, dtype, path if override is not None else source)
+    return pre
+
+
+def _check_fits(pre, shape, dtype, source):
+    """Raise when ``pre`` gives tensors the model input (fixed dims, dtype) cannot take."""
+    dims = list(shape)
+    if pre.layout == "NCHW":
+        want = {"channels": dims[1], "height": dims[2], "width": dims[3]}
+    else:
+        want = {"height": dims[1], "width": dims[2], "channels": dims[3]}
+    got = {"channels": pre.channels, "height": pre.size[0], "width": pre.size[1]}
+    for key, value in want.items():
+        if isinstance(value, int) and value > 0 and value != got[key]:
+            raise ScannerError(
+                f"preprocessing ({pre.layout}, {pre.color}, size {list(pre.size)}) gives {key} {got[key]} but the model "
+                f"input {dims} needs {value}", source)
+    if np.dtype(dtype).name in DTYPES and pre.dtype != np.dtype(dtype).name:
+        raise ScannerError(f"preprocessing dtype {pre.dtype} does not match the model input dtype {np.dtype(dtype).name}", source)

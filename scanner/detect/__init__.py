@@ -1,0 +1,1 @@
+"""Detection: norm statistics, the scan, trigger synthesis, the verdict, weights-only signals."""

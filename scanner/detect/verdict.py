@@ -1,0 +1,145 @@
+"""The verdict: clean, suspicious or backdoored, with the suspected target class(es) and the evidence.
+
+Signals, per class and trigger family (:mod:`scanner.detect.synthesis`):
+
+- size anomaly: a backdoor's target needs a far smaller trigger than the other classes. The anomaly index
+  is ``(median - x) / spread`` over the classes of ``x = log(size)`` (a class whose search found no
+  working trigger counts at the family's largest size), with ``spread = max(1.4826 * MAD, SPREAD_FLOOR)``:
+  sizes within a factor of ``exp(SPREAD_FLOOR)`` of each other are within the search's own noise;
+- the synthesized trigger's success on held-out clean images;
+- the l-inf fingerprint: the robust z-score of the largest rise of a last-conv channel's peak under the
+  trigger (the paper's observation: a backdoor trigger drives a few channels far above the others);
+- weights-only evidence needing no data (:mod:`scanner.detect.weights`: CLP channel Lipschitz bounds),
+  reported; it does not decide the verdict (CLP misses blend-type backdoors).
+
+A class is ``backdoored`` when its trigger works, its size anomaly is above ``ANOMALY`` and either the
+fingerprint is above ``FINGERPRINT_Z`` or the anomaly is above ``STRONG_ANOMALY``; ``suspicious`` when it
+works, its anomaly is above ``ANOMALY`` and either the anomaly reaches ``SUSPICIOUS_ANOMALY`` or the
+fingerprint ``SUSPICIOUS_Z`` (an anomaly just above 2 alone is what natural classes of a clean model show
+now and then: a single MAD test over ten classes is too weak to act on; the zoo's clean models showed
+blend-family anomalies up to 3.0 across seeds, backdoor targets 4.5-7.5).
+"""
+
+import logging
+
+import numpy as np
+
+from scanner.detect.weights import channel_lipschitz
+
+ANOMALY = 2.0
+STRONG_ANOMALY = 4.0
+SPREAD_FLOOR = float(np.log(1.5))
+FINGERPRINT_Z = 10.0
+SUSPICIOUS_ANOMALY = 3.5
+SUSPICIOUS_Z = 6.0
+VERDICTS = ("clean", "suspicious", "backdoored")
+log = logging.getLogger("scanner")
+
+
+def classify(works, anomaly, z):
+    """Level of one synthesized trigger from its success, size anomaly and l-inf fingerprint z."""
+    if not works or anomaly <= ANOMALY:
+        return "clean"
+    if anomaly >= STRONG_ANOMALY or z >= FINGERPRINT_Z:
+        return "backdoored"
+    if anomaly >= SUSPICIOUS_ANOMALY or z >= SUSPICIOUS_Z:
+        return "suspicious"
+    return "clean"
+
+
+def anomaly_index(values):
+    """Small-side anomaly index of each value: (median - x) / max(1.4826 * MAD, SPREAD_FLOOR)."""
+    v = np.asarray(values, np.float64)
+    med = np.median(v)
+    spread = max(1.4826 * float(np.median(np.abs(v - med))), SPREAD_FLOOR)
+    return (med - v) / spread, float(med), spread
+
+
+def family_cap(config, family):
+    """The largest trigger size the search allows in ``family``."""
+    if family == "patch":
+        return float(config.max_patch) ** 2
+    return float(config.max_alpha)
+
+
+def _log_sizes(sizes, cap):
+    """log of each class's effective trigger size: capped, a class without a working trigger at the cap."""
+    return np.log(np.maximum([min(s, cap) if s is not None else cap for s in sizes], 1e-6))
+
+
+def anomaly_against(sizes, cap, size):
+    """The anomaly index of a trigger ``size`` against the per-class ``sizes`` of its family (None: none works)."""
+    _, med, spread = anomaly_index(_log_sizes(sizes, cap))
+    return (med - np.log(max(size, 1e-6))) / spread
+
+
+def size_evidence(synthesis):
+    """Per family: per-class effective sizes, anomaly indices, median and spread."""
+    out = {}
+    for family in synthesis.config.families:
+        cap = family_cap(synthesis.config, family)
+        sizes = synthesis.sizes(family)
+        index, med, spread = anomaly_index(_log_sizes(sizes, cap))
+        out[family] = {
+            "cap": cap,
+            "sizes": [None if s is None else round(float(s), 6) for s in sizes],
+            "anomaly": [round(float(a), 3) for a in index],
+            "median_size": round(float(np.exp(med)), 6),
+            "spread_log": round(spread, 4),
+        }
+    return out
+
+
+def decide(synthesis, ctx=None):
+    """The verdict (JSON-ready): ``verdict``, ``targets``, per-class ``candidates`` and the ``evidence``
+    (with a model context ``ctx``, the weights-only evidence too)."""
+    sizes = size_evidence(synthesis)
+    tau = synthesis.config.success
+    candidates = []
+    for i, result in enumerate(synthesis.classes):
+        for family, cand in result.found.items():
+            a = sizes[family]["anomaly"][i]
+            works = cand.success >= tau
+            fp = result.fingerprint.get(family, {})
+            z = fp.get("z", [0.0])[0] if fp else 0.0
+            level = classify(works, a, z)
+            if level == "clean":
+                continue
+            candidates.append(
+                {
+                    "target": result.target,
+                    "family": family,
+                    "level": level,
+                    "trigger": cand.describe(),
+                    "size": round(cand.size, 6),
+                    "success": round(cand.success, 6),
+                    "anomaly": a,
+                    "fingerprint_z": z,
+                    "fingerprint_channels": fp.get("channels", []),
+                }
+            )
+    rank = {v: i for i, v in enumerate(VERDICTS)}
+    candidates.sort(key=lambda c: (-rank[c["level"]], -c["anomaly"]))
+    verdict = max((c["level"] for c in candidates), key=rank.get, default="clean")
+    targets = []
+    for c in candidates:
+        if c["level"] == verdict and c["target"] not in targets:
+            targets.append(c["target"])
+    out = {
+        "verdict": verdict,
+        "targets": targets,
+        "candidates": candidates,
+        "thresholds": {
+            "anomaly": ANOMALY,
+            "suspicious_anomaly": SUSPICIOUS_ANOMALY,
+            "suspicious_fingerprint_z": SUSPICIOUS_Z,
+            "strong_anomaly": STRONG_ANOMALY,
+            "spread_floor_log": round(SPREAD_FLOOR, 4),
+            "fingerprint_z": FINGERPRINT_Z,
+            "success": tau,
+        },
+        "evidence": {"sizes": sizes, "synthesis": synthesis.to_dict()},
+    }
+    if ctx is not None:
+        out["evidence"]["clp"] = channel_lipschitz(ctx.proto, ctx.layers)
+    return out

@@ -1,0 +1,112 @@
+"""Before a repaired model is written: build it, verify it, record what was done, write it atomically."""
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from scanner import __version__
+from scanner.errors import ScannerError
+from scanner.fileio import atomic_path, check_output
+from scanner.graph import surgery
+from scanner.graph.model import over_2gb, saved_by_path, tensor_info
+
+log = logging.getLogger("scanner")
+SAMPLE_IMAGES = 32
+"""Clean images (and the same with each trigger probe) the checks run the repaired model on."""
+
+
+def apply_plan(rep, plan, weight=None, bias=None, rule=None):
+    """The repaired ModelProto: zeroed channels, an optional new head, and provenance metadata."""
+    proto = surgery.prune(rep.ctx.proto, plan, rep.ctx.layers) if plan else rep.ctx.proto
+    if weight is not None:
+        proto = surgery.set_linear(proto, rep.head, weight, bias)
+    record = {
+        "tool": f"scanner {__version__}",
+        "rule": rule or {},
+        "pruned": [{"layer": lid, "channels": ch} for lid, ch in sorted(plan.items())],
+        "refit": None if weight is None else {"layer": rep.head.id},
+        "probes": [p.describe() for p in rep.probes],
+        "targets": rep.targets,
+        "source_sha256": rep.model.sha256,
+    }
+    return surgery.record(proto, {"scanner.sanitize": json.dumps(record, sort_keys=True)})
+
+
+def _check_model(proto):
+    try:
+        if over_2gb(proto):
+            with saved_by_path(proto) as path:
+                onnx.checker.check_model(path)
+        else:
+            onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise ScannerError(f"verification failed: checker rejects the output ({str(exc).splitlines()[0][:160]})") from None
+
+
+def verify(rep, proto, plan, exact=False):
+    """Check a repaired model before it is written; raise ScannerError on any failure, else return the checks.
+
+    onnx.checker passes, onnxruntime loads and runs it, inputs/outputs keep names, shapes and dtypes, the
+    operators are unchanged, pruned channels read exactly 0 on sample inputs, and (``exact``) the scores are
+    bitwise identical to the original's. The returned dict says what was checked (``passed`` is True).
+    """
+    original = rep.ctx.proto
+    _check_model(proto)
+    for kind in ("input", "output"):
+        before = [tensor_info(v).to_dict() for v in getattr(original.graph, kind)]
+        after = [tensor_info(v).to_dict() for v in getattr(proto.graph, kind)]
+        if before != after:
+            raise ScannerError(f"verification failed: graph {kind}s changed")
+    ops = lambda m: sorted(n.op_type for n in m.graph.node)  # noqa: E731
+    if ops(original) != ops(proto):
+        raise ScannerError("verification failed: the graph's operators changed")
+    sample = next(rep.clean_set.batches(rep.pre, SAMPLE_IMAGES)).pixels
+    trig = next((p.trigger for p in rep.probes if p.trigger is not None), None)
+    if trig is not None:
+        sample = np.concatenate([sample, trig.apply(sample, color=rep.pre.color)])
+    layers = [l for l in rep.ctx.layers if l.id in plan]
+    repaired = rep.ctx.derived(proto).runner(features=[l.read for l in layers], device="cpu")
+    out = repaired.run(sample, flatten=False)
+    for layer in layers:
+        read = out.features[layer.read]
+        chans = np.moveaxis(read, layer.channel_axis, 0)[plan[layer.id]]
+        if np.any(chans != 0):
+            raise ScannerError(f"verification failed: pruned channels of {layer.id} do not read 0")
+    checks = {"passed": True, "checker": True, "onnxruntime": True, "interface": True, "operators": True,
+              "pruned_channels_read_zero": sum(len(plan[l.id]) for l in layers), "sample_images": int(len(sample)),
+              "identical_scores": None}
+    if exact:
+        ref = rep.ctx.runner(device="cpu").run(sample)
+        if not np.array_equal(ref.scores, out.scores):
+            raise ScannerError("verification failed: an empty prune changed the scores")
+        checks["identical_scores"] = True
+    return checks
+
+
+def write_model(proto, path, force=False, source=None):
+    """Write ``proto`` to ``path`` atomically (temp + rename); never over the input.
+
+    A model over 2 GB is written with its weights in ``PATH.data`` beside it (both are written in a temp folder,
+    then renamed)."""
+    path = check_output(path, force, [source])
+    if not over_2gb(proto):
+        with atomic_path(path) as tmp:
+            onnx.save(proto, str(tmp))
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmpdir = Path(tempfile.mkdtemp(prefix=".scanner-", dir=path.parent))
+        try:
+            data = path.name + ".data"
+            onnx.save(proto, str(tmpdir / path.name), save_as_external_data=True, location=data)
+            os.replace(tmpdir / data, path.parent / data)
+            os.replace(tmpdir / path.name, path)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    log.info("wrote %s", path)
+    return path

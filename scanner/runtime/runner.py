@@ -1,0 +1,115 @@
+"""The one place a model runs over pixels: scores, and per-channel norms or features when asked.
+
+A :class:`Runner` owns an onnxruntime session of a model (instrumented when norms, masks or features are
+asked for). Every stage runs images through one: the scan, trigger synthesis, evaluation, the repair and
+the HTML audit. Pixels are (N, H, W, C) 0-255 arrays at the model's size and color order; the runner
+preprocesses them, runs them in chunks, counts the forward passes (``queries``) and advances a progress bar.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from scanner.graph.instrument import NORMS, instrument
+from scanner.runtime.session import Session
+
+
+@dataclass
+class Output:
+    """What one run gives: the scores output (N, K), norms {norm: (N, C)} and features {tensor: (N, F)}."""
+
+    scores: np.ndarray
+    norms: dict = field(default_factory=dict)
+    features: dict = field(default_factory=dict)
+
+    @property
+    def preds(self):
+        return self.scores.argmax(1)
+
+
+def probabilities(scores):
+    """Class probabilities (N, K) from a scores output: kept when they already are probabilities (a Softmax
+    output), else a softmax of the logits, in the scores' own float type."""
+    z = np.asarray(scores)
+    if z.min() >= 0 and z.max() <= 1 and np.allclose(z.sum(1), 1, atol=1e-3):
+        return z
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+class Runner:
+    """Forward passes of one model (a ModelProto) on pixel batches.
+
+    ``layers`` and ``norms`` (a subset of :data:`NORMS`) add in-graph per-channel norms; ``masks`` adds a
+    channel-mask input per layer (prune sweeps); ``features`` exposes tensors (their values come back
+    flattened per image). ``batch_size`` is the chunk one session call gets.
+    """
+
+    def __init__(self, proto, pre, scores, layers=(), norms=(), masks=False, features=(), device="auto", threads=None,
+                 batch_size=256, source=None):
+        self.pre, self.scores_name, self.batch_size = pre, scores, int(batch_size)
+        self.layers = list({l.id: l for l in layers}.values())
+        self.norm_kinds = tuple(k for k in NORMS if k in tuple(norms)) if self.layers else ()
+        self.instrumented = None
+        if self.norm_kinds or (masks and self.layers) or features:
+            self.instrumented = instrument(proto, self.layers, norms=self.norm_kinds, masks=masks, features=features)
+            proto = self.instrumented.model
+        self.session = Session(proto, device=device, threads=threads, source=source)
+        self.slices = [self.instrumented.slices[l.id] for l in self.layers] if self.instrumented else []
+        self.channels = sum(hi - lo for lo, hi in self.slices)
+        self.features = tuple(features)
+        self.queries = 0
+        self.progress = None
+        """A :class:`scanner.progress.Progress` advanced by every image run, when set."""
+
+    @property
+    def provider(self):
+        return self.session.provider
+
+    def mask_feeds(self, masks=None):
+        """Feeds for the mask inputs: all ones, then ``masks[layer id]`` (a 0/1 vector) where given."""
+        feeds = {}
+        inputs = self.instrumented.mask_inputs if self.instrumented else {}
+        for layer in self.layers:
+            name = inputs.get(layer.id)
+            if name is not None:
+                m = np.ones(layer.channels, np.float32)
+                if masks and layer.id in masks:
+                    m = np.asarray(masks[layer.id], np.float32)
+                feeds[name] = m
+        return feeds
+
+    def run(self, pixels, masks=None, norms=True, features=True, batch_size=None, flatten=True):
+        """Run ``pixels`` (N, H, W, C); ``norms`` / ``features`` False leave those outputs out (faster);
+        ``flatten`` False keeps the features' own shapes."""
+        names = [self.scores_name]
+        if norms and self.norm_kinds:
+            names += [self.instrumented.norm_outputs[k] for k in self.norm_kinds]
+        if features:
+            names += [f for f in self.features if f not in names]
+        feeds = self.mask_feeds(masks)
+        step = int(batch_size or self.batch_size)
+        parts = {name: [] for name in names}
+        for s in range(0, len(pixels), step):
+            chunk = pixels[s : s + step]
+            out = self.session.run(self.pre.to_tensor(chunk), names, feeds)
+            for name in names:
+                keep_shape = not flatten and name in self.features and name != self.scores_name
+                parts[name].append(out[name] if keep_shape else out[name].reshape(len(chunk), -1))
+            self.queries += len(chunk)
+            if self.progress is not None:
+                self.progress.advance(len(chunk))
+        joined = {name: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for name, v in parts.items()}
+        result = Output(joined[self.scores_name].astype(np.float32))
+        if norms and self.norm_kinds:
+            result.norms = {k: joined[self.instrumented.norm_outputs[k]] for k in self.norm_kinds}
+        if features:
+            result.features = {f: joined[f] for f in self.features}
+        return result
+
+    def stream(self, images, trigger=None, masks=None, norms=True, features=True, batch_size=None):
+        """Yield (Batch, Output) over an image set, ``trigger`` stamped on each batch when given."""
+        step = int(batch_size or self.batch_size)
+        for batch in images.batches(self.pre, step):
+            pixels = batch.pixels if trigger is None else trigger.apply(batch.pixels, color=self.pre.color)
+            yield batch, self.run(pixels, masks, norms, features, step)
