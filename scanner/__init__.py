@@ -1,18 +1,16 @@
 """scanner: find and remove backdoors in ONNX image classifiers.
 
-The pipeline, one module per stage:
+The package follows the pipeline (docs/ARCHITECTURE.md):
 
-- :mod:`scanner.graph.model`      load and validate an ONNX file
-- :mod:`scanner.graph.layers`     discover neuron layers (Conv, Gemm, MatMul) and where their channels are read
-- :mod:`scanner.graph.instrument` add in-graph per-channel l-inf / l1 / l2 norms
-- :mod:`scanner.runtime.session`    onnxruntime sessions on CPU or CUDA
-- :mod:`scanner.data.images`       images, preprocessing, batches
-- :mod:`scanner.data.triggers`   trigger files and how they are applied
-- :mod:`scanner.detect.stats`      streaming per-channel statistics and scores
-- :mod:`scanner.detect.scan`       measure norms on clean and probe images
-- :mod:`scanner.graph.surgery`    zero channels / refit the head by graph surgery
-- :mod:`scanner.repair.prune`     choose what to prune, refit, verify
-- :mod:`scanner.commands.evaluate`   clean accuracy and attack success
+- :mod:`scanner.graph`     the ONNX file: load and validate, discover layers, instrument norms, surgery
+- :mod:`scanner.data`      image sets, preprocessing, triggers, probes
+- :mod:`scanner.runtime`   onnxruntime sessions and the one runner every forward pass goes through
+- :mod:`scanner.context`   the model context a command makes once and passes down
+- :mod:`scanner.detect`    norm statistics, the scan, trigger synthesis, the verdict, weights-only evidence
+- :mod:`scanner.repair`    prune sweep, head refit, verification and writing
+- :mod:`scanner.report`    tables, JSON, SARIF, the HTML audit
+- :mod:`scanner.policy`    the deployment gate's policy and judgement
+- :mod:`scanner.commands`  one module per command, composing the stages; :mod:`scanner.cli` parses flags
 """
 
 __version__ = "0.1.0"

@@ -338,7 +338,7 @@ def evaluate_cmd(model, data, trigger, target, compare, preprocess, device, batc
 
 
 GATE_HELP = """\b
-Default policy (scanner/gate.py; a --policy file and the flags override single values):
+Default policy (scanner/policy.py; a --policy file and the flags override single values):
   fail_on = "backdoored"   warn_on = "suspicious"   min_images = 100
   unanalysable = "fail"    partial = "warn"         (max_anomaly, max_fingerprint_z, max_clp_outliers: off)
 

@@ -287,7 +287,8 @@ def test_model_over_2gb_loads_by_path(work, run_cli):
     code, out, err = run_cli("inspect", work / "big.onnx", "--format", "json")
     assert code == 0, err
     code, out, err = run_cli("scan", work / "big.onnx", "--data", work / "images", "--format", "json")
-    assert code == 0, err and json.loads(out)["data"]["clean"]["images"] == 3
+    assert code == 0, err
+    assert json.loads(out)["data"]["clean"]["images"] == 3
 
 
 # ---- images ----------------------------------------------------------------------------------------
@@ -586,6 +587,6 @@ def test_sanitize_is_byte_identical(run_cli, tmp_path):
         out = tmp_path / f"s{i}.onnx"
         code, _, err = run_cli("sanitize", model, "--data", CLEAN, "--probe", TRIGGER, "--limit", 64, "--always",
                                "-o", out, "-q")
-        assert code in (0, 1), err
+        assert code == 0, err  # the trigger does not move this random-weight model: nothing found, --always writes
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]

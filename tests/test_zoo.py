@@ -26,12 +26,13 @@ def test_manifest_numbers_reproduce(name):
     images = ImageSet(TEST, labeled=True)
     assert len(images) == 2000
     trigger = Trigger.load(MODELS / entry["trigger"]) if entry["trigger"] else None
-    metrics, _ = evaluate_model(model, images, trigger, entry["target"], device="cpu")
-    assert metrics["clean_accuracy"] >= 0.88 - 0.03
-    assert abs(metrics["clean_accuracy"] - entry["clean_accuracy"]) <= 0.03
+    metrics, _ = evaluate_model(path, images, trigger, entry["target"], device="cpu")
+    # The committed 2,000-image sample is what the manifest's sample numbers were measured on: they must match.
+    assert metrics["clean_accuracy"] == pytest.approx(entry["sample_clean_accuracy"], abs=1e-6)
+    assert entry["clean_accuracy"] >= 0.88  # the quality floor, on the full 10k test set
     if trigger is not None:
         assert entry["attack_success_rate"] >= 0.95
-        assert abs(metrics["attack_success_rate"] - entry["attack_success_rate"]) <= 0.03
+        assert metrics["attack_success_rate"] == pytest.approx(entry["sample_attack_success_rate"], abs=1e-6)
 
 
 def test_zoo_covers_the_issue():

@@ -23,10 +23,6 @@ class Probe:
             raise ScannerError("probe not found (expected a trigger .json file or a folder of triggered images)", path)
         return cls(images=ImageSet(path, limit=limit, min_images=min_images), source=str(path))
 
-    @property
-    def kind(self):
-        return "trigger" if self.trigger is not None else "images"
-
     def describe(self):
         """JSON-ready description."""
         if self.trigger is not None:
