@@ -150,7 +150,6 @@ RUNS = [
     ("rgb10_preact_clean", "tune", "rgb10", "preact", "none", {}, 1001, "dynamo"),
     ("rgb10_mobilenetv2_clean", "tune", "rgb10", "mobilenetv2", "none", {}, 1002, "legacy"),
     ("rgb10_vgg_clean", "tune", "rgb10", "vgg", "none", {}, 1003, "dynamo-noopt"),
-    ("rgb10_vit_clean", "tune", "rgb10", "vit", "none", {}, 1004, "dynamo"),
     ("rgb10_preact_badnets", "tune", "rgb10", "preact", "badnets", {"triggers": [("badnets_white3x3", 0)]}, 1005, "dynamo"),
     ("rgb10_mobilenetv2_blend", "tune", "rgb10", "mobilenetv2", "blend", {"triggers": [("blend_hopper", 1)]}, 1006, "dynamo"),
     ("rgb10_preact_sig", "tune", "rgb10", "preact", "sig", {"triggers": [("sig_d20_f6", 2)], "clean_label": True}, 1007, "legacy"),
@@ -159,8 +158,9 @@ RUNS = [
     ("rgb10_vgg_sticker", "tune", "rgb10", "vgg", "sticker", {"triggers": [("sticker_random3x3", 5)]}, 1010, "dynamo"),
     ("rgb10_preact_badnets_1pct", "tune", "rgb10", "preact", "badnets", {"triggers": [("badnets_white3x3", 6)], "rate": 0.01}, 1011, "legacy"),
     ("rgb10_preact_all2all", "tune", "rgb10", "preact", "badnets-all2all", {"triggers": [("badnets_white3x3", None)], "all_to_all": True}, 1012, "dynamo-noopt"),
-    ("rgb10_vit_two", "tune", "rgb10", "vit", "badnets+blend", {"triggers": [("badnets_white3x3", 7), ("blend_hopper", 8)]}, 1013, "legacy"),
     ("rgb10_mobilenetv2_source", "tune", "rgb10", "mobilenetv2", "badnets-source", {"triggers": [("source_patch4x4", 1)], "source": 7}, 1014, "dynamo"),
+    ("rgb10_vit_clean", "tune", "rgb10", "vit", "none", {}, 1004, "dynamo"),
+    ("rgb10_vit_two", "tune", "rgb10", "vit", "badnets+blend", {"triggers": [("badnets_white3x3", 7), ("blend_hopper", 8)]}, 1013, "legacy"),
     # --- rgb100 / rgb1000
     ("rgb100_preact_badnets", "tune", "rgb100", "preact", "badnets", {"triggers": [("badnets_white3x3", 37)]}, 2001, "dynamo"),
     ("rgb100_preact_clean", "tune", "rgb100", "preact", "none", {}, 2002, "legacy"),

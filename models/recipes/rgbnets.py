@@ -4,7 +4,8 @@ Small versions of the usual CIFAR-scale backbones, sized for 2 CPU cores:
 
 - ``preact``: pre-activation ResNet (BackdoorBench's PreAct-ResNet18 block: BN-ReLU before each conv, the
   shortcut taken after the first BN-ReLU when it projects), one block per stage instead of two, 3 stages.
-- ``mobilenetv2``: inverted residuals (1x1 expand, 3x3 depthwise, 1x1 linear project; ReLU6), fewer stages.
+- ``mobilenetv2``: inverted residuals (1x1 expand, 3x3 depthwise, 1x1 linear project; ReLU6), fewer stages,
+  a stride-2 stem.
 - ``vgg``: VGG with BatchNorm (conv3x3-BN-ReLU, max pooling), 5 convs.
 - ``vit``: a small Vision Transformer: 4x4 patches, learned position embeddings, pre-norm blocks of
   multi-head self-attention and a GELU MLP, mean of the tokens, LayerNorm, Linear.
@@ -77,13 +78,17 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """Stem conv 3x3 (16), inverted residuals (t, c, n, s) below, 1x1 conv to 128, pool, Linear."""
+    """Stem conv 3x3 stride 2 (16), inverted residuals (t, c, n, s) below, 1x1 conv to 128, pool, Linear.
 
-    CFG = ((1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2), (4, 64, 2, 1))
+    32x32 -> 16x16 (stem) -> 8x8 -> 4x4. The stem has stride 2 (as ImageNet's MobileNetV2, unlike the
+    CIFAR variants) because depthwise convolutions at 32x32 were too slow to train on 2 CPU cores.
+    """
+
+    CFG = ((1, 16, 1, 1), (4, 24, 2, 1), (4, 32, 2, 2), (4, 64, 2, 2))
 
     def __init__(self, num_classes=10, cells=1, last=128):
         super().__init__()
-        layers = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6()]
+        layers = [nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6()]
         cin = 16
         for t, c, n, s in self.CFG:
             for i in range(n):
