@@ -12,7 +12,7 @@ import sys
 import click
 
 from scanner import __version__
-from scanner.errors import EXIT_ERROR, EXIT_OK, ScannerError
+from scanner.errors import EXIT_ERROR, EXIT_OF_OUTCOME, EXIT_OK, ScannerError
 
 log = logging.getLogger("scanner")
 _STATE = {"debug": bool(os.environ.get("SCANNER_DEBUG"))}
@@ -20,9 +20,10 @@ _STATE = {"debug": bool(os.environ.get("SCANNER_DEBUG"))}
 EXIT_CODES_HELP = """\b
 Exit codes:
   0  nothing found / passed
-  1  backdoor found (model written by sanitize) / policy violated
+  1  backdoor found and removed (sanitize, prune: the repaired model was written) / policy violated (gate)
   2  error: bad model, bad input, bad flags
   3  nothing could be analysed (no supported layer)
+  4  backdoor found but NOT removed: it still works on the repaired model; nothing written (unless --always)
 """
 
 
@@ -203,7 +204,10 @@ def prune_options(fn):
 
 
 def model_output_options(fn):
-    """Flags of the commands that write a model: the report's format, a JSON report file, --force."""
+    """Flags of the commands that write a model: the report's format, a JSON report file, --force, --always."""
+    fn = click.option("--always", is_flag=True,
+                      help="Write the model even when nothing was found, or when the backdoor was NOT removed "
+                           "(the report and the exit code still say so).")(fn)
     fn = click.option("--force", is_flag=True, help="Overwrite existing output files.")(fn)
     fn = click.option("--report", "report_out", type=click.Path(dir_okay=False), help="Also write the JSON report to FILE.")(fn)
     return click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)(fn)
@@ -223,7 +227,7 @@ def model_output_options(fn):
 @model_output_options
 @command
 def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, target, preprocess, device, batch_size,
-              threads, limit, min_images, fmt, report_out, force):
+              threads, limit, min_images, fmt, report_out, force, always):
     """The paper's defense: rank channels by l-inf rise on probe images, zero the top ones, write a verified model.
 
     \b
@@ -238,13 +242,13 @@ def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, tar
     if report_out:
         check_output(report_out, force, [model])
     report, _ = prune_model(model, data, probe, model_out, layers, count, ratio, max_drop, force, device, threads,
-                            batch_size, limit, preprocess, target, min_images=min_images)
+                            batch_size, limit, preprocess, target, min_images=min_images, always=always)
     status(repair_table(report))
     if report_out:
         emit(to_json(report), report_out, True, [model])
     if fmt == "json":
         emit(to_json(report))
-    return EXIT_OK
+    return EXIT_OF_OUTCOME[report["outcome"]]
 
 
 @cli.command("sanitize")
@@ -256,7 +260,9 @@ def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, tar
 @click.option("--method", type=click.Choice(["prune", "refit", "both"]), default="refit", show_default=True,
               help="With --probe: prune = l-inf pruning; refit = closed-form head refit on clean + probe pairs; both.")
 @click.option("--max-accuracy-drop", "max_drop", type=click.FloatRange(0, 1), default=0.02, show_default=True, help="With --probe and --method prune|both.")
-@click.option("--always", is_flag=True, help="Write a model even when nothing is found.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.98, show_default=True,
+              help="The repaired model must agree with the original on this fraction of held-out clean images to count "
+                   "as sanitized (with --probe --method prune and labeled data: --max-accuracy-drop instead).")
 @click.option("--budget", type=click.FloatRange(1), default=55.0, show_default=True,
               help="Seconds for the whole job without --probe (trigger synthesis gets 60%).")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the trigger search.")
@@ -265,8 +271,8 @@ def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, tar
 @data_options
 @model_output_options
 @command
-def sanitize_cmd(model, data, probes, model_out, method, max_drop, always, budget, seed, triggers_dir, layers, target,
-                 preprocess, device, batch_size, threads, limit, min_images, fmt, report_out, force):
+def sanitize_cmd(model, data, probes, model_out, method, max_drop, min_agreement, budget, seed, triggers_dir, layers, target,
+                 preprocess, device, batch_size, threads, limit, min_images, fmt, report_out, force, always):
     """Find and remove a backdoor; write a verified, sanitized model (exit 1 when one was found and removed).
 
     Without --probe: synthesize the smallest trigger per class (forward passes only), decide (clean /
@@ -281,7 +287,6 @@ def sanitize_cmd(model, data, probes, model_out, method, max_drop, always, budge
     """
     from scanner.commands.sanitize import sanitize_blind, sanitize_with_probes
     from scanner.detect.synthesis import Config
-    from scanner.errors import EXIT_FINDINGS
     from scanner.fileio import check_output
     from scanner.report.tables import repair_table, to_json, verdict_table
 
@@ -290,21 +295,21 @@ def sanitize_cmd(model, data, probes, model_out, method, max_drop, always, budge
     if not probes:
         report, proto, found = sanitize_blind(model, data, model_out, force, always, device, threads, batch_size, limit,
                                               preprocess, Config(seed=seed), triggers_dir=triggers_dir, budget=budget,
-                                              min_images=min_images)
+                                              min_images=min_images, min_agreement=min_agreement)
         status(verdict_table(report))
         if "repair" in report:
-            status(repair_table(report["repair"]))
+            status(repair_table({**report["repair"], **{k: report.get(k) for k in ("removal", "outcome", "output")}}))
     else:
         report, proto, found = sanitize_with_probes(model, data, list(probes), model_out, method, layers, max_drop, force,
                                                     always, device, threads, batch_size, limit, preprocess,
                                                     None if target is None else [target] * len(probes),
-                                                    min_images=min_images)
+                                                    min_images=min_images, min_agreement=min_agreement)
         status(repair_table(report))
     if report_out:
         emit(to_json(report), report_out, True, [model])
     if fmt == "json":
         emit(to_json(report))
-    return EXIT_FINDINGS if found else EXIT_OK
+    return EXIT_OF_OUTCOME[report["outcome"]]
 
 
 @cli.command("evaluate")

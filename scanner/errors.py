@@ -12,6 +12,10 @@ EXIT_ERROR = 2
 """Bad model, bad input, bad flags."""
 EXIT_NOTHING = 3
 """Nothing could be analysed (no supported layer)."""
+EXIT_NOT_REMOVED = 4
+"""A backdoor was found but NOT removed: the repaired model still answers to it (nothing written unless --always)."""
+EXIT_OF_OUTCOME = {"nothing_found": EXIT_OK, "removed": EXIT_FINDINGS, "not_removed": EXIT_NOT_REMOVED}
+"""Exit code of a command that writes a model, by the outcome its report states."""
 
 
 class ScannerError(Exception):

@@ -563,8 +563,8 @@ def test_prune_count_is_byte_identical(run_cli, tmp_path):
     for i in range(2):
         out = tmp_path / f"p{i}.onnx"
         code, _, err = run_cli("prune", zoo("cnn_badnets"), "--data", CLEAN, "--probe", TRIGGER, "--count", 3,
-                               "--limit", 64, "-o", out, "-q")
-        assert code == 0, err
+                               "--limit", 64, "-o", out, "-q", "--always")
+        assert code == 4, err  # 3 channels do not remove the backdoor; --always writes the model anyway
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
 

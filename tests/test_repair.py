@@ -43,20 +43,21 @@ def test_ranking_is_by_linf_rise(badnets_repair):
 
 def test_mask_sweep_matches_real_pruning(badnets_repair, tmp_path):
     plan = badnets_repair.plan(20)
-    report, proto = prune_model(None, None, None, tmp_path / "p.onnx", count=20, rep=badnets_repair)
+    report, proto = prune_model(None, None, None, tmp_path / "p.onnx", count=20, rep=badnets_repair, always=True)
     assert report["pruned"] == [{"layer": lid, "channels": ch} for lid, ch in plan.items()]
+    assert report["outcome"] == "not_removed"  # 20 channels leave the backdoor working (the paper's pruning)
     # The written model, run without masks in a session of its own, gives the report's "after" numbers
     # (measured through the sweep's mask inputs) and the same predictions as the masked sweep.
-    from scanner.commands.evaluate import predict
     from scanner.detect.scan import measure
 
     written = ModelContext.open(tmp_path / "p.onnx", device="cpu").runner()
     original = ModelContext.open(zoo_path("cnn_badnets"), device="cpu").runner()
     trigger = Trigger.load(MODELS / zoo_entry("cnn_badnets")["trigger"])
     target = badnets_repair.targets[0]
-    clean0, _ = predict(original, ImageSet(CLEAN))
-    clean1, _ = predict(written, ImageSet(CLEAN))
-    hit1, _ = predict(written, ImageSet(CLEAN), trigger)
+    fit = badnets_repair.clean_set  # the images the sweep measured (the rest is held out for the removal check)
+    clean0, _ = original.predict(fit)
+    clean1, _ = written.predict(fit)
+    hit1, _ = written.predict(fit, trigger)
     others = clean0 != target
     assert report["after"]["agreement"] == round(float((clean1 == clean0).mean()), 6)
     assert report["after"]["probe_success"] == [round(float((hit1[others] == target).mean()), 6)]
@@ -65,10 +66,20 @@ def test_mask_sweep_matches_real_pruning(badnets_repair, tmp_path):
     assert np.array_equal(clean1, sweep.preds)
 
 
+def test_prune_that_leaves_the_backdoor_writes_nothing(badnets_repair, tmp_path):
+    out = tmp_path / "pruned.onnx"
+    report, proto = prune_model(None, None, None, out, count=8, rep=badnets_repair)
+    assert report["outcome"] == "not_removed" and proto is None and not out.exists() and report["output"] is None
+    check = report["removal"]
+    assert check["held_out"] and check["images"] == 200 and not check["removed"]
+    assert check["probes"][0]["success_after"] >= 0.25 and "still sends" in check["reasons"][0]
+
+
 def test_prune_output_verified_and_metadata_kept(badnets_repair, tmp_path):
     out = tmp_path / "pruned.onnx"
     before = sha256_file(zoo_path("cnn_badnets"))
-    prune_model(None, None, None, out, count=8, rep=badnets_repair)
+    report, _ = prune_model(None, None, None, out, count=8, rep=badnets_repair, always=True)
+    assert report["outcome"] == "not_removed" and report["written_despite_backdoor"] and report["output"] == str(out)
     assert sha256_file(zoo_path("cnn_badnets")) == before  # input untouched
     m = onnx.load(str(out))
     onnx.checker.check_model(m)
@@ -80,7 +91,7 @@ def test_prune_output_verified_and_metadata_kept(badnets_repair, tmp_path):
 
 
 def test_empty_prune_is_identical(badnets_repair, tmp_path):
-    report, proto = prune_model(None, None, None, tmp_path / "e.onnx", count=0, rep=badnets_repair)
+    report, proto = prune_model(None, None, None, tmp_path / "e.onnx", count=0, rep=badnets_repair, always=True)
     assert report["pruned_count"] == 0 and report["after"] == report["before"]
     checks = verify(badnets_repair, proto, {}, exact=True)
     assert checks["passed"] and checks["identical_scores"]
@@ -105,12 +116,13 @@ def test_interrupted_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["cnn_badnets", "cnn_blend", "resnet_badnets", "resnet_blend"])
+@pytest.mark.parametrize("name", ["cnn_badnets", "cnn_blend", "resnet_badnets"])
 def test_refit_removes_backdoor_and_keeps_graph(name, tmp_path):
     entry = zoo_entry(name)
     out = tmp_path / "s.onnx"
     report, proto, found = sanitize_with_probes(zoo_path(name), CLEAN, [MODELS / entry["trigger"]], out, device="cpu")
     assert found and report["backdoor_found"] and report["verified"]
+    assert report["outcome"] == "removed" and report["removal"]["held_out"] and out.exists()
     original = load_model(zoo_path(name)).proto
     assert _ops(proto) == _ops(original)  # same graph, new weights
     assert report["after"]["agreement"] >= 0.97  # cross-validated on the defender's clean set
@@ -121,6 +133,18 @@ def test_refit_removes_backdoor_and_keeps_graph(name, tmp_path):
     assert (preds_before == preds_after).mean() >= 0.98  # agreement on the committed test sample
     assert after["attack_success_rate"] < 0.10 < before["attack_success_rate"]
     assert after["clean_accuracy"] >= before["clean_accuracy"] - 0.02
+
+
+def test_refit_that_misses_the_agreement_writes_nothing(tmp_path):
+    """resnet_blend with its true trigger: the head refit kills the trigger, but agrees with the original on only
+    97.5% of the held-out clean images (the check asks for 98%): found, NOT removed, nothing written."""
+    entry = zoo_entry("resnet_blend")
+    out = tmp_path / "s.onnx"
+    report, proto, found = sanitize_with_probes(zoo_path("resnet_blend"), CLEAN, [MODELS / entry["trigger"]], out, device="cpu")
+    check = report["removal"]
+    assert found and report["outcome"] == "not_removed" and proto is None and not out.exists()
+    assert check["probes"][0]["dead"] and check["agreement"] < 0.98
+    assert any("agreement" in r for r in check["reasons"])
 
 
 def test_clean_model_probe_does_not_move_it(tmp_path):
@@ -149,7 +173,8 @@ def test_cli_prune_then_evaluate_compare(run_cli, tmp_path):
     out = tmp_path / "pruned.onnx"
     trig = MODELS / "triggers" / "badnets_3x3.json"
     code, stdout, err = run_cli("prune", zoo_path("cnn_badnets"), "--data", TEST, "--probe", trig, "--max-accuracy-drop", "0.02", "-o", out)
-    assert code == 0 and stdout == "" and "probe success" in err
+    assert code == 1 and stdout == "" and "probe success" in err  # found, removed (dead on held-out), written
+    assert "outcome: backdoor REMOVED" in err
     code, stdout, _ = run_cli("evaluate", zoo_path("cnn_badnets"), "--data", TEST, "--trigger", trig, "--target", "0", "--compare", out, "--format", "json")
     r = json.loads(stdout)
     assert code == 0 and r["delta"]["attack_success_rate"] < -0.5 and r["delta"]["clean_accuracy"] >= -0.03
@@ -160,3 +185,14 @@ def test_cli_sanitize_exit_codes(run_cli, tmp_path):
     assert code == 1 and json.loads(stdout)["backdoor_found"] and (tmp_path / "s.onnx").exists()
     code, stdout, err = run_cli("sanitize", zoo_path("cnn_clean"), "--data", CLEAN, "--probe", MODELS / "triggers" / "badnets_3x3.json", "-o", tmp_path / "c.onnx")
     assert code == 0 and not (tmp_path / "c.onnx").exists()
+    # Found but not removed (agreement on held-out images under 98%): exit 4, nothing written; --always writes
+    # it and still exits 4, the report saying so; a lower --min-agreement accepts it (exit 1).
+    blend = ("sanitize", zoo_path("resnet_blend"), "--data", CLEAN, "--probe", MODELS / "triggers" / "blend_random.json")
+    code, stdout, err = run_cli(*blend, "-o", tmp_path / "b.onnx", "--format", "json")
+    assert code == 4 and not (tmp_path / "b.onnx").exists() and "NOT removed" in err
+    assert json.loads(stdout)["outcome"] == "not_removed"
+    code, stdout, err = run_cli(*blend, "-o", tmp_path / "b.onnx", "--format", "json", "--always")
+    report = json.loads(stdout)
+    assert code == 4 and (tmp_path / "b.onnx").exists() and report["written_despite_backdoor"]
+    code, stdout, err = run_cli(*blend, "-o", tmp_path / "b2.onnx", "--min-agreement", "0.97")
+    assert code == 1 and (tmp_path / "b2.onnx").exists()

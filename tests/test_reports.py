@@ -57,8 +57,15 @@ def test_scan_reports_and_sarif(run_cli, schema):
 
 def test_prune_and_sanitize_probe_reports(run_cli, schema, tmp_path):
     pruned = json_of(run_cli, "prune", BADNETS, "--data", TEST, "--probe", TRIGGER, "--limit", "100", "--count", "2",
-                     "-o", tmp_path / "p.onnx")
+                     "-o", tmp_path / "p.onnx", code=4)  # two channels leave the backdoor working: not removed
     schema.validate(pruned)
+    assert pruned["outcome"] == "not_removed" and pruned["output"] is None and not (tmp_path / "p.onnx").exists()
+    from scanner.report.sarif import to_sarif
+
+    log = to_sarif(pruned, exit_code=4)
+    SARIF.validate(log)
+    not_removed = [r for r in log["runs"][0]["results"] if r["ruleId"] == "SCN008"]
+    assert len(not_removed) == 1 and not_removed[0]["level"] == "error" and "NOT removed" in not_removed[0]["message"]["text"]
     sanitized = json_of(run_cli, "sanitize", BADNETS, "--data", CLEAN, "--probe", TRIGGER, "--limit", "100",
                         "-o", tmp_path / "s.onnx", code=1)
     schema.validate(sanitized)

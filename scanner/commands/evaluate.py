@@ -2,29 +2,11 @@
 
 import time
 
-import numpy as np
 
 from scanner.context import ModelContext
 from scanner.data.images import ImageSet
 from scanner.data.triggers import Trigger
 from scanner.errors import ScannerError
-from scanner.progress import Progress
-
-
-def predict(runner, images, trigger=None, label="eval"):
-    """Predicted classes (and labels, when the set has them) of ``images`` through ``runner``, ``trigger`` on if given."""
-    preds, labels = [], []
-    saved = runner.progress
-    with Progress(len(images), label) as bar:
-        runner.progress = bar
-        try:
-            for batch, out in runner.stream(images, trigger):
-                preds.append(out.preds)
-                if batch.labels is not None:
-                    labels.append(batch.labels)
-        finally:
-            runner.progress = saved
-    return np.concatenate(preds), (np.concatenate(labels) if labels else None)
 
 
 def attack_success(preds, labels, target):
@@ -41,11 +23,11 @@ def evaluate_model(model, images, trigger=None, target=None, device="auto", batc
     ctx = model if isinstance(model, ModelContext) else ModelContext.open(model, preprocess, device, threads, batch_size)
     runner = ctx.runner()
     start = time.perf_counter()
-    preds, labels = predict(runner, images, None, "clean")
+    preds, labels = runner.predict(images, None, "clean")
     out = {"model": str(ctx.path), "sha256": ctx.model.sha256, "images": int(len(preds)), "provider": runner.provider}
     out["clean_accuracy"] = round(float((preds == labels).mean()), 6)
     if trigger is not None:
-        tpreds, _ = predict(runner, images, trigger, "triggered")
+        tpreds, _ = runner.predict(images, trigger, "triggered")
         out["attack_success_rate"] = round(attack_success(tpreds, labels, target), 6)
         out["attack_images"] = int((labels != target).sum())
     out["seconds"] = round(time.perf_counter() - start, 3)

@@ -1,17 +1,26 @@
 """``scanner prune``: the paper's defense. Rank channels by l-inf rise under a probe, zero the top ones, verify, write."""
 
+import logging
+
 from scanner import __version__
 from scanner.context import ModelContext
 from scanner.detect.stats import OUTLIER_Z
 from scanner.fileio import check_output
-from scanner.repair.prune import Repair
-from scanner.repair.verify import apply_plan, verify, write_model
+from scanner.repair.prune import DEFAULT_MAX_DROP, Repair
+from scanner.repair.verify import apply_plan, outcome, removal, verify, write_model
+
+log = logging.getLogger("scanner")
 
 
 def prune_model(model, data, probe, output=None, layers="last", count=None, ratio=None, max_drop=None, force=False,
                 device="auto", threads=None, batch_size=64, limit=None, preprocess=None, target=None, rep=None,
-                min_images=1):
-    """``scanner prune``. Returns (report, proto). ``model`` is a path or a ModelContext; ``rep`` a measured Repair."""
+                min_images=1, always=False):
+    """``scanner prune``. Returns (report, pruned proto or None when it may not be written). ``model`` is a path or
+    a ModelContext; ``rep`` a measured Repair.
+
+    When the probe moves the model, the pruned model is written only if the probe is dead on it afterwards
+    (measured on held-out images, :func:`scanner.repair.verify.removal`) or with ``always``; the report's
+    ``outcome`` says which (``removed``, ``not_removed``, ``nothing_found``)."""
     if output is not None:
         check_output(output, force, [rep.model.path if rep is not None else getattr(model, "path", model)])
     if rep is None:
@@ -27,10 +36,35 @@ def prune_model(model, data, probe, output=None, layers="last", count=None, rati
     report = repair_report("prune", rep, plan, rep.base, after, levels, {"method": "prune", **rule})
     report["verification"] = checks
     report["verified"] = checks["passed"]
-    if output is not None:
+    report["backdoor_found"] = rep.found
+    drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
+    write = finish(report, rep, proto, output, force, always, min_agreement=1 - drop,
+                   max_accuracy_drop=drop if levels else None, write_unfound=True)
+    return report, proto if write else None
+
+
+def finish(report, rep, proto, output, force, always, min_agreement, max_accuracy_drop=None, write_unfound=False,
+           found=None):
+    """Measure the removal, set the report's ``removal``, ``outcome`` and ``output``, and write the model when
+    the outcome allows it: it was removed, or ``always``, or nothing was found and ``write_unfound``. ``found``
+    (default: whether ``rep``'s probes move the model) says whether there is anything to remove. Returns
+    whether the model may be written."""
+    found = rep.found if found is None else found
+    check = removal(rep, proto, min_agreement, max_accuracy_drop) if found else None
+    report["removal"] = check
+    report["outcome"] = outcome(found, check)
+    write = always or report["outcome"] == "removed" or (report["outcome"] == "nothing_found" and write_unfound)
+    if report["outcome"] == "not_removed":
+        for reason in check["reasons"]:
+            log.warning("not removed: %s", reason)
+        log.warning("the backdoor was found but NOT removed: %s", "writing the model anyway (--always)" if always
+                    else "no model written")
+    report["written_despite_backdoor"] = bool(report["outcome"] == "not_removed" and always and output is not None)
+    report["output"] = None
+    if write and output is not None:
         write_model(proto, output, force, rep.model.path)
         report["output"] = str(output)
-    return report, proto
+    return write
 
 
 def repair_report(command, rep, plan, before, after, levels, rule):

@@ -10,28 +10,24 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from scanner.commands.prune import repair_report
+from scanner.commands.prune import finish, repair_report
 from scanner.context import ModelContext
-from scanner.data.images import ImageSet, cached
+from scanner.data.images import ImageSet, cached, holdout_split
 from scanner.data.probes import Probe
 from scanner.detect.synthesis import Config, Synthesizer, search_runner, variants
 from scanner.detect.verdict import ANOMALY, anomaly_against, decide
 from scanner.errors import ScannerError
 from scanner.fileio import check_output
 from scanner.repair.prune import DEFAULT_MAX_DROP, PROBE_EFFECT, Repair
-from scanner.repair.refit import RIDGES, refit
-from scanner.repair.verify import apply_plan, verify, write_model
+from scanner.repair.refit import refit
+from scanner.repair.verify import MIN_AGREEMENT, apply_plan, verify
 
 log = logging.getLogger("scanner")
 
 METHODS = ("prune", "refit", "both")
 DEFAULT_METHOD = "refit"
-MIN_AGREEMENT = 0.98
 VARIANT_SUCCESS = 0.5
 """A variant of a synthesized trigger joins the probes when it still sends this fraction to the target."""
-BLIND_RIDGES = RIDGES[1:]
-"""Refit ridges the blind repair steps through, from RIDGE_START down while agreement holds, else up."""
-RIDGE_START = 0.1
 MAX_VARIANTS = {"patch": 2, "blend": 1}
 BUDGET = 55.0
 SYNTHESIS_SHARE = 0.6
@@ -44,11 +40,15 @@ def _context(model, preprocess, device, threads, batch_size):
 
 def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD, layers="last", max_drop=DEFAULT_MAX_DROP,
                          force=False, always=False, device="auto", threads=None, batch_size=64, limit=None,
-                         preprocess=None, targets=None, ridge=None, rep=None, min_images=1):
-    """``scanner sanitize --probe``: repair with known probes. Returns (report, proto or None, found).
+                         preprocess=None, targets=None, ridge=None, rep=None, min_images=1, check=True,
+                         min_agreement=MIN_AGREEMENT):
+    """``scanner sanitize --probe``: repair with known probes. Returns (report, repaired proto or None, found).
 
     ``model`` is a path or a ModelContext; ``rep`` an already measured :class:`Repair` (then ``model``, ``data``
-    and ``probes`` are not used)."""
+    and ``probes`` are not used). With ``check`` (the command), the removal is measured on held-out images and
+    the model written (and returned) only when the probes are dead on it (or with ``always``); the report's
+    ``outcome`` says which. ``check=False`` only builds and verifies the repaired model (a step of the blind
+    repair) and always returns it."""
     if method not in METHODS:
         raise ScannerError(f"--method must be one of {', '.join(METHODS)}")
     if output is not None:
@@ -79,19 +79,17 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
     report = repair_report("sanitize", rep, plan, rep.base, after, levels, rule)
     report["fallbacks"] = fallbacks
     report["backdoor_found"] = found
-    proto = None
-    if found or always:
-        proto = apply_plan(rep, plan, weight, bias, rule)
-        checks = verify(rep, proto, plan, exact=not plan and weight is None)
-        report["verification"] = checks
-        report["verified"] = checks["passed"]
-        if output is not None:
-            write_model(proto, output, force, rep.model.path)
-            report["output"] = str(output)
-    else:
-        report["output"] = None
-        log.info("the probe does not move the model (success %.1f%% < %.0f%%): no model written (use --always)",
-                 100 * max(rep.base.probe_success), 100 * PROBE_EFFECT)
+    proto = apply_plan(rep, plan, weight, bias, rule)
+    checks = verify(rep, proto, plan, exact=not plan and weight is None)
+    report["verification"] = checks
+    report["verified"] = checks["passed"]
+    if check and not finish(report, rep, proto, output, force, always, min_agreement,
+                            max_accuracy_drop=max_drop if method == "prune" else None):
+        proto = None
+    if not found:
+        log.info("the probe does not move the model (success %.1f%% < %.0f%%): %s",
+                 100 * max(rep.base.probe_success), 100 * PROBE_EFFECT,
+                 "writing the model anyway (--always)" if always and check else "no model written (use --always)")
     return report, proto, found
 
 
@@ -104,13 +102,14 @@ def _still_backdoored(sizes, cand, tau):
 
 
 def sanitize_blind(model, data, output=None, force=False, always=False, device="auto", threads=None, batch_size=64,
-                   limit=None, preprocess=None, config=None, rounds=3, triggers_dir=None, budget=BUDGET, min_images=1):
+                   limit=None, preprocess=None, config=None, rounds=3, triggers_dir=None, budget=BUDGET, min_images=1,
+                   min_agreement=MIN_AGREEMENT):
     """``scanner sanitize`` without ``--probe``: synthesize, decide, repair with the synthesized triggers.
 
     Returns (report, proto or None, found). The repair is the head refit of :func:`sanitize_with_probes` on the
     synthesized triggers of the suspected target(s) and their variants; after each refit the triggers are
     synthesized again on the repaired model, and any that still stands out joins the probes, for up to
-    ``rounds`` refits, while agreement with the original on clean images stays >= MIN_AGREEMENT. ``budget``
+    ``rounds`` refits (each chooses its ridge by cross-validation, :func:`scanner.repair.refit.refit`). ``budget``
     (seconds) bounds the whole job: the synthesis gets SYNTHESIS_SHARE of it, and no refit round starts that
     would likely end after it.
     """
@@ -124,7 +123,8 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
     if output is not None:
         check_output(output, force, [ctx.path])
     images = data if not isinstance(data, (str, Path)) else ImageSet(data, limit=limit, min_images=min_images)
-    images = cached(images, ctx.preprocess)
+    whole = cached(images, ctx.preprocess)
+    images, held, _ = holdout_split(whole)  # the held-out images only ever check the repaired model
     pixels = images.load_all(ctx.preprocess).pixels
     synth = Synthesizer(search_runner(ctx, cfg.batch_size), pixels, cfg)
     log.info("synthesizing triggers for every class (%s; budget %.0fs)", ", ".join(cfg.families), cfg.budget or 0)
@@ -137,7 +137,8 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
         "mode": "synthesized",
         "model": ctx.model.facts(),
         "preprocess": ctx.preprocess.to_dict(),
-        "data": {"clean": str(images.path), "images": int(len(pixels))},
+        "data": {"clean": str(images.path), "images": int(len(pixels)) + (len(held) if held is not None else 0),
+                 "search_and_repair_images": int(len(pixels)), "held_out_images": len(held) if held is not None else 0},
         "verdict": verdict["verdict"],
         "targets": verdict["targets"],
         "candidates": verdict["candidates"],
@@ -147,6 +148,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
         "output": None,
     }
     if not found and not always:
+        report["outcome"] = "nothing_found"
         report["seconds"] = round(time.perf_counter() - started, 3)
         return report, None, False
     # Probes: the flagged triggers (with --always on a clean verdict: the most anomalous class's), and variants.
@@ -165,23 +167,13 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
     for r in range(max(1, rounds)):
         round_started = time.perf_counter()
         rep = Repair(ctx, images, [Probe(trigger=c.trigger(result.color), source=f"synthesized:{c.describe()}") for c in probes],
-                     "last", batch_size, limit, [c.target for c in probes])
-        fits = []
-        for ridge in _ridges(fits):
-            fit_started = time.perf_counter()
-            rep_report, proto, _ = sanitize_with_probes(ctx, images, None, None, "refit", force=force, always=True,
-                                                        ridge=ridge, rep=rep)
-            fits.append((rep_report, proto, ridge))
-            log.info("refit round %d, ridge %g: agreement %.2f%%, synthesized trigger success %.2f%%", r + 1, ridge,
-                     100 * rep_report["after"]["agreement"], 100 * max(rep_report["after"]["probe_success"]))
-            if time.perf_counter() - started + (time.perf_counter() - fit_started) > budget:
-                log.warning("time budget reached while looking for the smallest ridge with %.0f%% agreement",
-                            100 * MIN_AGREEMENT)
-                break
-        # The smallest ridge that keeps agreement (it removes the most); else the one closest to it.
-        rep_report, proto, ridge = max(fits, key=lambda f: (f[0]["after"]["agreement"] >= MIN_AGREEMENT, -f[2])
-                                       if f[0]["after"]["agreement"] >= MIN_AGREEMENT else (False, f[0]["after"]["agreement"]))
-        best = (rep_report, proto, ridge)
+                     "last", batch_size, limit, [c.target for c in probes], holdout=held)
+        rep_report, proto, _ = sanitize_with_probes(ctx, images, None, None, "refit", rep=rep, check=False)
+        ridge = rep_report["rule"]["refit"]["ridge"]
+        log.info("refit round %d (ridge %g, probe weight %g): agreement %.2f%%, synthesized trigger success %.2f%% "
+                 "(cross-validated)", r + 1, ridge, rep_report["rule"]["refit"]["probe_weight"],
+                 100 * rep_report["after"]["agreement"], 100 * max(rep_report["after"]["probe_success"]))
+        best = (rep_report, proto, ridge, rep)
         entry = {"round": r + 1, "probes": len(probes), "ridge": ridge, "agreement": rep_report["after"]["agreement"],
                  "probe_success_after": max(rep_report["after"]["probe_success"])}
         rounds_log.append(entry)
@@ -201,7 +193,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
             break
         for cand in new:
             probes += [cand] + _best_variants(synth, cand)
-    rep_report, proto, ridge = best
+    rep_report, proto, ridge, rep = best
     report["repair"] = {
         **{k: rep_report[k] for k in ("rule", "pruned", "pruned_count", "refit", "fallbacks", "before", "after",
                                       "verification", "verified")},
@@ -211,30 +203,12 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
         "probes": [{"target": c.target, "trigger": c.describe(), "size": round(c.size, 6), "success": round(c.success, 6)}
                    for c in probes],
     }
-    if rep_report["after"]["agreement"] < MIN_AGREEMENT:
-        log.warning("agreement with the original model on clean images is %.2f%% (< %.0f%%)",
-                    100 * rep_report["after"]["agreement"], 100 * MIN_AGREEMENT)
     if triggers_dir is not None:
         report["triggers"] = save_triggers(result, flagged, triggers_dir)
-    if output is not None:
-        write_model(proto, output, force, ctx.path)
-        report["output"] = str(output)
+    if not finish(report, rep, proto, output, force, always, min_agreement, found=found):
+        proto = None
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report, proto, found
-
-
-def _ridges(fits):
-    """Ridges to try, given the fits so far: down from RIDGE_START while agreement holds, else up until it does."""
-    i = BLIND_RIDGES.index(RIDGE_START)
-    yield BLIND_RIDGES[i]
-    step = -1 if fits[-1][0]["after"]["agreement"] >= MIN_AGREEMENT else 1
-    j = i + step
-    while 0 <= j < len(BLIND_RIDGES):
-        yield BLIND_RIDGES[j]
-        ok = fits[-1][0]["after"]["agreement"] >= MIN_AGREEMENT
-        if (step < 0 and not ok) or (step > 0 and ok):
-            return
-        j += step
 
 
 def _best_variants(synth, cand, count=None):

@@ -302,6 +302,19 @@ class ImageSet:
                 reader.shutdown(wait=True, cancel_futures=True)
         self.check_usable(usable)
 
+    def subset(self, indices):
+        """The images at ``indices`` (names, labels; pixels still read from disk batch by batch)."""
+        import copy
+
+        idx = np.asarray(indices, np.int64)
+        out = copy.copy(self)
+        out.names = [self.names[i] for i in idx]
+        out.labels = self.labels[idx] if self.labels is not None else None
+        if self._npz is not None:
+            out._index = self._index[idx]
+        out.skipped, out._lock = [], threading.Lock()
+        return out
+
     def check_usable(self, usable):
         """Name skipped files in one warning (once per set); raise when fewer than ``min_images`` were usable.
 
@@ -378,6 +391,30 @@ class MemoryImageSet:
 
     def load_all(self, pre, batch_size=None):
         return Batch(self.pixels, self.names, self.labels)
+
+    def subset(self, indices):
+        """The images at ``indices`` (a new set sharing nothing mutable with this one)."""
+        idx = np.asarray(indices, np.int64)
+        labels = self.labels[idx] if self.labels is not None else None
+        return MemoryImageSet(self, Batch(self.pixels[idx], [self.names[i] for i in idx], labels))
+
+
+HOLDOUT_FRACTION = 0.2
+HOLDOUT_MIN_IMAGES = 100
+"""Sets smaller than this are not split: a repair is then checked on the images it was fitted on (and says so)."""
+
+
+def holdout_split(images, fraction=HOLDOUT_FRACTION, seed=0, minimum=HOLDOUT_MIN_IMAGES):
+    """(fit, held-out, indices) of an image set: a seeded ``fraction`` of it held out for checking a repair.
+
+    Sets of fewer than ``minimum`` images are not split: (images, None, None)."""
+    n = len(images)
+    if n < minimum:
+        return images, None, None
+    order = np.random.RandomState([seed, 17]).permutation(n)
+    held = np.sort(order[: int(round(fraction * n))])
+    fit = np.setdiff1d(np.arange(n), held)
+    return images.subset(fit), images.subset(held), (fit, held)
 
 
 def cached(images, pre, max_bytes=512 << 20):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scanner.data.images import ImageSet, cached
+from scanner.data.images import HOLDOUT_FRACTION, ImageSet, cached, holdout_split
 from scanner.data.probes import Probe
 from scanner.detect.scan import dominant_class, measure
 from scanner.detect.stats import probe_scores
@@ -55,10 +55,14 @@ class Repair:
     ``probes`` are :class:`Probe` objects (or paths); each gets a target class (given, or the class it
     pushes the most images to). The runner measures the chosen ``layers`` with mask inputs, and exposes the
     head's input and output (the refit's features and targets).
+
+    ``holdout``: a fraction of the clean images (and of unpaired probe folders) kept out of every measurement
+    and fit here, for checking the repaired model afterwards (:func:`scanner.repair.verify.removal`); or an
+    image set already held out by the caller (then nothing is split here).
     """
 
     def __init__(self, ctx, data, probes, layers="last", batch_size=64, limit=None, targets=None, labeled=None,
-                 min_images=1):
+                 min_images=1, holdout=HOLDOUT_FRACTION):
         self.ctx = ctx
         self.model, self.pre = ctx.model, ctx.preprocess
         self.clean_set = data if not isinstance(data, (str, bytes)) and hasattr(data, "batches") else ImageSet(
@@ -73,6 +77,7 @@ class Repair:
         for p in self.probes:
             if p.images is not None:
                 p.images = cached(p.images, self.pre)
+        self._hold_out(holdout)
         self.clean = measure(self.runner, self.clean_set, label="clean", keep=self._keep())
         self.labels = self.clean.labels
         self.probed = [self._measure_probe(p) for p in self.probes]
@@ -82,6 +87,24 @@ class Repair:
         self.score = np.max([s for _, s in scores], axis=0)
         self.base = self.level(0, self.clean.preds, [m.preds for m in self.probed])
         self.seconds = {"measure": time.perf_counter() - started}
+
+    def _hold_out(self, holdout):
+        """Split off the held-out images (see the class docstring)."""
+        self.probe_holdout = [None] * len(self.probes)
+        if holdout is None or hasattr(holdout, "batches"):
+            self.holdout_set = holdout
+            return
+        whole = self.clean_set
+        self.clean_set, self.holdout_set, split = holdout_split(whole, holdout)
+        if split is None:
+            return
+        for i, p in enumerate(self.probes):
+            if p.images is None:
+                continue
+            if p.paired_with(whole):
+                p.images, self.probe_holdout[i] = p.images.subset(split[0]), p.images.subset(split[1])
+            else:
+                p.images, self.probe_holdout[i], _ = holdout_split(p.images, holdout, seed=1 + i)
 
     def _keep(self):
         return (self.head.input, self.head.read) if self.head is not None else ()

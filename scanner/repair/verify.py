@@ -19,6 +19,12 @@ from scanner.graph.model import over_2gb, saved_by_path, tensor_info
 log = logging.getLogger("scanner")
 SAMPLE_IMAGES = 32
 """Clean images (and the same with each trigger probe) the checks run the repaired model on."""
+RESIDUAL_SUCCESS = 0.25
+"""A probe is dead on the repaired model when it sends fewer than this fraction of held-out other-class images to
+its target (the search calls a trigger working from 0.9; "removed" asks for far less than that)."""
+MIN_AGREEMENT = 0.98
+"""A repaired model must agree with the original on at least this fraction of held-out clean images."""
+OUTCOMES = ("nothing_found", "removed", "not_removed")
 
 
 def apply_plan(rep, plan, weight=None, bias=None, rule=None):
@@ -110,3 +116,66 @@ def write_model(proto, path, force=False, source=None):
             shutil.rmtree(tmpdir, ignore_errors=True)
     log.info("wrote %s", path)
     return path
+
+
+def removal(rep, proto, min_agreement=MIN_AGREEMENT, max_accuracy_drop=None):
+    """Whether a repair removed what its probes found, measured through the repaired model on held-out images.
+
+    For every probe (a trigger stamped on the held-out clean images, or the held-out part of a probe folder):
+    its success on the original and on the repaired model; and the repaired model's agreement with the original
+    on the held-out clean images. ``removed`` when every probe is under RESIDUAL_SUCCESS and agreement reaches
+    ``min_agreement`` (or, with ``max_accuracy_drop`` and labeled images, when clean accuracy fell by no more than
+    that); ``reasons`` says what failed. Without a held-out set (small data) the fit images are used, and
+    ``held_out`` is False.
+    """
+    images = rep.holdout_set if rep.holdout_set is not None else rep.clean_set
+    original, repaired = rep.ctx.runner(), rep.ctx.derived(proto).runner()
+    p0, labels = original.predict(images, label="check")
+    p1, _ = repaired.predict(images, label="check")
+    agreement = float((p0 == p1).mean())
+    accuracy = None
+    if max_accuracy_drop is not None and labels is not None:
+        accuracy = {"before": round(float((p0 == labels).mean()), 6), "after": round(float((p1 == labels).mean()), 6)}
+    rows, reasons = [], []
+    for i, (probe, target) in enumerate(zip(rep.probes, rep.targets)):
+        if probe.trigger is not None:
+            others = p0 != target
+            b, _ = original.predict(images, probe.trigger, "check")
+            a, _ = repaired.predict(images, probe.trigger, "check")
+            before, after = (float((x[others] == target).mean()) if others.any() else 0.0 for x in (b, a))
+        else:
+            held = rep.probe_holdout[i] if rep.probe_holdout[i] is not None else probe.images
+            b, _ = original.predict(held, label="check")
+            a, _ = repaired.predict(held, label="check")
+            before, after = float((b == target).mean()), float((a == target).mean())
+        rows.append({"probe": probe.describe(), "target": int(target), "success_before": round(before, 6),
+                     "success_after": round(after, 6), "dead": after < RESIDUAL_SUCCESS})
+        if after >= RESIDUAL_SUCCESS:
+            reasons.append(f"probe {i} ({_label(probe)}) still sends {after:.1%} of held-out images to class {target} "
+                           f"(dead below {RESIDUAL_SUCCESS:.0%})")
+    if accuracy is not None:
+        drop = accuracy["before"] - accuracy["after"]
+        if drop > max_accuracy_drop + 1e-12:
+            reasons.append(f"clean accuracy on held-out images fell by {100 * drop:.2f} points "
+                           f"(allowed {100 * max_accuracy_drop:.2f})")
+    elif agreement < min_agreement:
+        reasons.append(f"agreement with the original model on held-out clean images is {agreement:.2%} "
+                       f"(needs {min_agreement:.0%})")
+    out = {"held_out": rep.holdout_set is not None, "images": int(len(p0)), "agreement": round(agreement, 6),
+           "min_agreement": None if accuracy is not None else min_agreement, "residual_success": RESIDUAL_SUCCESS,
+           "probes": rows, "removed": not reasons, "reasons": reasons}
+    if accuracy is not None:
+        out.update(accuracy=accuracy, max_accuracy_drop=max_accuracy_drop)
+    return out
+
+
+def _label(probe):
+    d = probe.describe()
+    return d.get("trigger") if isinstance(d.get("trigger"), str) else d.get("source")
+
+
+def outcome(found, check):
+    """``nothing_found`` (no probe moved the model), ``removed`` or ``not_removed`` (from :func:`removal`)."""
+    if not found:
+        return "nothing_found"
+    return "removed" if check is not None and check["removed"] else "not_removed"

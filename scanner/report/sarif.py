@@ -13,6 +13,7 @@ SCN004  lipschitz-outlier-channels    conv layer with CLP outlier channels, in a
 SCN005  nothing-to-analyse            model without a supported layer
 SCN006  probe-outlier-channels        layer whose channels a probe drives far above clean (scan)
 SCN007  policy-violation              other gate policy reasons (min_images, thresholds, time budget)
+SCN008  backdoor-not-removed          sanitize / prune report whose repair left the backdoor working
 ======  ============================  ==========================================================
 
 Levels: in a gate report a finding that fails the policy is ``error``, one that warns is ``warning``,
@@ -50,6 +51,10 @@ RULES = [
      "fingerprint of a backdoor trigger."),
     ("SCN007", "policy-violation", "error", 6.0, "The gate policy was violated",
      "A gate policy check other than the verdict failed (minimum clean images, score thresholds, time budget)."),
+    ("SCN008", "backdoor-not-removed", "error", 9.0, "A backdoor was found but NOT removed",
+     "The repair ran, but measured again on held-out clean images through the repaired model, a trigger that led to "
+     "the verdict still works, or the repaired model no longer agrees with the original on clean images. No sanitized "
+     "model was written (unless --always). Do not deploy the model."),
 ]
 RULE_INDEX = {rid: i for i, (rid, *_rest) in enumerate(RULES)}
 LEVEL_OF = {"backdoored": "error", "suspicious": "warning", "clean": "note"}
@@ -165,11 +170,22 @@ def gate_results(report, base=None):
     return out
 
 
+def _outcome_results(report, path, base):
+    """SCN008 for a repair report whose outcome is ``not_removed``."""
+    if report.get("outcome") != "not_removed":
+        return []
+    check = report.get("removal") or {}
+    why = "; ".join(check.get("reasons") or []) or "the removal check failed"
+    written = f" The model was written anyway (--always): {report['output']}." if report.get("output") else " No model was written."
+    return [_result("SCN008", "error", f"Backdoor found but NOT removed: {why}.{written}", path, report["model"].get("sha256"),
+                    "not removed", {"removal": check}, base)]
+
+
 def sanitize_results(report, base=None):
     path = report["model"]["path"]
     if "verdict" in report:  # synthesized triggers
-        return _verdict_results(report, path, lambda v: LEVEL_OF[v], base)
-    out = []
+        return _verdict_results(report, path, lambda v: LEVEL_OF[v], base) + _outcome_results(report, path, base)
+    out = _outcome_results(report, path, base)
     if report.get("backdoor_found"):
         for i, p in enumerate(report["probes"]):
             success = report["before"]["probe_success"][i]
@@ -199,14 +215,14 @@ def to_sarif(report, base=None, exit_code=None):
     if schema.startswith("scanner.gate/"):
         results = gate_results(report, base)
         exit_code = report["exit_code"] if exit_code is None else exit_code
-    elif schema.startswith("scanner.sanitize/"):
+    elif schema.startswith(("scanner.sanitize/", "scanner.prune/")):
         results = sanitize_results(report, base)
     elif schema.startswith("scanner.scan/"):
         results = scan_results(report, base)
     else:
         raise ValueError(f"no SARIF form for a {schema or 'unknown'} report")
     base_dir = Path(base or os.getcwd()).resolve()
-    invocation = {"executionSuccessful": exit_code in (None, 0, 1)}
+    invocation = {"executionSuccessful": exit_code in (None, 0, 1, 4)}
     if exit_code is not None:
         invocation["exitCode"] = int(exit_code)
     run = {

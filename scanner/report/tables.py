@@ -159,7 +159,32 @@ def repair_table(report):
     lines = [table(["", "before", "after"], rows)]
     for entry in report["pruned"]:
         lines.append(f"pruned {entry['layer']}: {len(entry['channels'])} channel(s) {entry['channels'][:16]}{' ...' if len(entry['channels']) > 16 else ''}")
+    lines += removal_lines(report)
     return "\n".join(lines) + "\n"
+
+
+OUTCOME_TEXT = {"nothing_found": "nothing found", "removed": "backdoor REMOVED (measured dead on held-out images)",
+                "not_removed": "backdoor found, NOT removed"}
+
+
+def removal_lines(report):
+    """The removal check and the outcome of a repair report, as text lines."""
+    check, out = report.get("removal"), report.get("outcome")
+    lines = []
+    if check:
+        where = f"{check['images']} held-out" if check["held_out"] else f"{check['images']} (not held out: small data)"
+        acc = check.get("accuracy")
+        acc_text = f", clean accuracy {acc['before']:.2%} -> {acc['after']:.2%}" if acc else ""
+        lines.append(f"removal check on {where} clean images, through the repaired model: agreement "
+                     f"{check['agreement']:.2%}{acc_text}")
+        for p in check["probes"]:
+            lines.append(f"  -> class {p['target']}: {p['success_before']:.1%} -> {p['success_after']:.1%}"
+                         f" {'(dead)' if p['dead'] else '(STILL WORKS)'}")
+        lines += [f"  {r}" for r in check["reasons"]]
+    if out:
+        written = f"; written to {report['output']}" if report.get("output") else "; no model written"
+        lines.append(f"outcome: {OUTCOME_TEXT[out]}{written}")
+    return lines
 
 
 def verdict_table(report):

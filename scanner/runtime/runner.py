@@ -107,6 +107,23 @@ class Runner:
             result.features = {f: joined[f] for f in self.features}
         return result
 
+    def predict(self, images, trigger=None, label="eval"):
+        """(predicted classes, labels or None) of an image set, ``trigger`` stamped on when given; progress on stderr."""
+        from scanner.progress import Progress
+
+        preds, labels = [], []
+        saved = self.progress
+        with Progress(len(images), label) as bar:
+            self.progress = bar
+            try:
+                for batch, out in self.stream(images, trigger, norms=False, features=False):
+                    preds.append(out.preds)
+                    if batch.labels is not None:
+                        labels.append(batch.labels)
+            finally:
+                self.progress = saved
+        return np.concatenate(preds), (np.concatenate(labels) if labels else None)
+
     def stream(self, images, trigger=None, masks=None, norms=True, features=True, batch_size=None):
         """Yield (Batch, Output) over an image set, ``trigger`` stamped on each batch when given."""
         step = int(batch_size or self.batch_size)
