@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from fashion import test_npz  # noqa: E402
-from scanner.commands.evaluate import attack_success, predict  # noqa: E402
+from scanner.commands.evaluate import attack_success  # noqa: E402
 from scanner.commands.sanitize import METHODS, sanitize_with_probes  # noqa: E402
 from scanner.context import ModelContext  # noqa: E402
 from scanner.data.images import ImageSet, cached  # noqa: E402
@@ -70,8 +70,8 @@ def main():
             op = curve(rep, test, trigger, target, [k])[0]
             row[f"operating_point_{layers}"] = op
         base = ctx.runner()
-        base_p, labels = predict(base, test)
-        base_t, _ = predict(base, test, trigger)
+        base_p, labels = base.predict(test)
+        base_t, _ = base.predict(test, trigger)
         row["before"] = dict(zip(("accuracy", "asr"), [round(v, 4) for v in metrics(base_p, base_t, labels, target)]))
         for method in METHODS:
             start = time.perf_counter()
@@ -79,8 +79,8 @@ def main():
             report, proto, found = sanitize_with_probes(ctx, None, None, method=method, rep=rep, always=True)
             seconds = time.perf_counter() - start
             s = ctx.derived(proto).runner()
-            p, _ = predict(s, test)
-            t, _ = predict(s, test, trigger)
+            p, _ = s.predict(test)
+            t, _ = s.predict(test, trigger)
             acc, asr = metrics(p, t, labels, target)
             row[f"sanitize_{method}"] = {"accuracy": round(acc, 4), "asr": round(asr, 4), "pruned": report["pruned_count"], "seconds": round(seconds, 2)}
         results.append(row)
