@@ -23,6 +23,7 @@ class ModelContext:
         self.scores = scores
         self.device, self.threads, self.batch_size = device, threads, batch_size
         self.proto = proto if proto is not None else model.proto
+        self._audit = None
 
     @classmethod
     def open(cls, model, preprocess=None, device="auto", threads=None, batch_size=128):
@@ -50,6 +51,20 @@ class ModelContext:
         """A :class:`Runner` of this model, instrumented for ``layers`` / ``norms`` / ``masks`` / ``features``."""
         return Runner(self.proto, self.preprocess, self.scores, layers, norms, masks, features,
                       device or self.device, self.threads, batch_size or self.batch_size, self.model.path)
+
+    @property
+    def audit(self):
+        """The graph audit of this model (:func:`scanner.graph.audit.audit`), computed once."""
+        if self._audit is None:
+            from scanner.graph.audit import audit
+
+            self._audit = audit(self.proto, self.scores)
+        return self._audit
+
+    def rebuilt(self, proto):
+        """The context of an edited graph (a cut branch): its layers are discovered again; same preprocessing."""
+        return ModelContext(self.model, self.preprocess, discover(proto), self.scores, self.device, self.threads,
+                            self.batch_size, proto)
 
     def derived(self, proto):
         """The context of a repaired copy of this model (same graph, new weights): same layers and preprocessing."""

@@ -110,6 +110,7 @@ def analyse(path, images, policy, preprocess=None, device="auto", threads=None, 
         candidates=verdict["candidates"],
         thresholds=verdict["thresholds"],
         evidence=verdict["evidence"],
+        graph=verdict["graph"],
         seconds=round(time.perf_counter() - started, 3),
     )
     log.info("%s: %s %s (%.1fs)", ctx.path, verdict["verdict"], verdict["targets"] or "", entry["seconds"])

@@ -29,4 +29,5 @@ def inspect_model(model, preprocess=None):
             }
             for l in ctx.layers
         ],
+        "audit": ctx.audit,
     }

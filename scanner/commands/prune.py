@@ -38,19 +38,23 @@ def prune_model(model, data, probe, output=None, layers="last", count=None, rati
     report["verified"] = checks["passed"]
     report["backdoor_found"] = rep.found
     drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
-    write = finish(report, rep, proto, output, force, always, min_agreement=1 - drop,
-                   max_accuracy_drop=drop if levels else None, write_unfound=True)
+    check = check_repair(rep, proto, 1 - drop, drop if levels else None) if rep.found else None
+    write = finish(report, proto, output, force, always, rep.found, check, rep.model.path, write_unfound=True)
     return report, proto if write else None
 
 
-def finish(report, rep, proto, output, force, always, min_agreement, max_accuracy_drop=None, write_unfound=False,
-           found=None):
-    """Measure the removal, set the report's ``removal``, ``outcome`` and ``output``, and write the model when
-    the outcome allows it: it was removed, or ``always``, or nothing was found and ``write_unfound``. ``found``
-    (default: whether ``rep``'s probes move the model) says whether there is anything to remove. Returns
-    whether the model may be written."""
-    found = rep.found if found is None else found
-    check = removal(rep, proto, min_agreement, max_accuracy_drop) if found else None
+def check_repair(rep, proto, min_agreement, max_accuracy_drop=None, original=None):
+    """The removal check (:func:`scanner.repair.verify.removal`) of ``proto`` repaired from ``rep``'s probes, on its
+    held-out images, against ``original`` (default: ``rep``'s own model)."""
+    images = rep.holdout_set if rep.holdout_set is not None else rep.clean_set
+    probes = list(zip(rep.probes, rep.targets, rep.probe_holdout))
+    return removal(original or rep.ctx, proto, images, probes, min_agreement, max_accuracy_drop, rep.holdout_set is not None)
+
+
+def finish(report, proto, output, force, always, found, check, source, write_unfound=False):
+    """Set the report's ``removal``, ``outcome`` and ``output`` from the removal ``check`` (None when nothing was
+    found), and write the model when the outcome allows it: it was removed, or ``always``, or nothing was found
+    and ``write_unfound``. Returns whether the model may be written."""
     report["removal"] = check
     report["outcome"] = outcome(found, check)
     write = always or report["outcome"] == "removed" or (report["outcome"] == "nothing_found" and write_unfound)
@@ -62,7 +66,7 @@ def finish(report, rep, proto, output, force, always, min_agreement, max_accurac
     report["written_despite_backdoor"] = bool(report["outcome"] == "not_removed" and always and output is not None)
     report["output"] = None
     if write and output is not None:
-        write_model(proto, output, force, rep.model.path)
+        write_model(proto, output, force, source)
         report["output"] = str(output)
     return write
 

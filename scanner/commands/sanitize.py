@@ -10,13 +10,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from scanner.commands.prune import finish, repair_report
+import numpy as np
+
+from scanner.commands.prune import check_repair, finish, repair_report
 from scanner.context import ModelContext
 from scanner.data.images import ImageSet, cached, holdout_split
 from scanner.data.probes import Probe
+from scanner.detect.scan import dominant_class
 from scanner.detect.synthesis import Config, Synthesizer, search_runner, variants
 from scanner.detect.verdict import ANOMALY, anomaly_against, decide
 from scanner.errors import ScannerError
+from scanner.graph import surgery
 from scanner.fileio import check_output
 from scanner.repair.prune import DEFAULT_MAX_DROP, PROBE_EFFECT, Repair
 from scanner.repair.refit import refit
@@ -25,6 +29,7 @@ from scanner.repair.verify import MIN_AGREEMENT, apply_plan, verify
 log = logging.getLogger("scanner")
 
 METHODS = ("prune", "refit", "both")
+"""Repair methods a user chooses; a report's method is also ``none`` when a graph cut alone disarmed the probes."""
 DEFAULT_METHOD = "refit"
 VARIANT_SUCCESS = 0.5
 """A variant of a synthesized trigger joins the probes when it still sends this fraction to the target."""
@@ -38,6 +43,50 @@ def _context(model, preprocess, device, threads, batch_size):
     return model if isinstance(model, ModelContext) else ModelContext.open(model, preprocess, device, threads, batch_size)
 
 
+def graph_repair(ctx):
+    """Cut the branches the graph audit found joining the scores past the head. Returns (context to repair,
+    what was cut or None, why it cannot be repaired or None).
+
+    Only a side branch that joins through a cuttable op (an Add, Mul, Where, ... after the head, see
+    :mod:`scanner.graph.audit`) is cut; any other high-severity finding (image-dependent control flow, a branch
+    without such a join) is refused: the model cannot be sanitized."""
+    high = [f for f in ctx.audit["findings"] if f["severity"] == "high"]
+    if not high:
+        return ctx, None, None
+    cuttable = [f for f in high if f["rule"] == "side-branch" and (f.get("join") or {}).get("cuttable")]
+    refused = [f for f in high if f not in cuttable]
+    if refused:
+        return ctx, None, "graph backdoor that cannot be cut: " + "; ".join(f"{f['rule']}: {f['message']}" for f in refused)
+    proto, removed = ctx.proto, []
+    for f in cuttable:
+        proto, gone = surgery.cut_branch(proto, f["join"]["node"], f["join"]["head_inputs"][0])
+        removed += gone
+    log.warning("graph backdoor: cut %s (%d nodes removed)", ", ".join(f["join"]["node"] for f in cuttable), len(removed))
+    return ctx.rebuilt(proto), {"joins": [f["join"] for f in cuttable], "removed_nodes": removed}, None
+
+
+def probe_targets(ctx, data, probes, limit=None, min_images=1):
+    """The class each probe pushes images to on ``ctx``'s model (see :meth:`Repair._dominant`)."""
+    images = data if hasattr(data, "batches") else ImageSet(data, limit=limit, min_images=min_images)
+    runner = ctx.runner()
+    clean, _ = runner.predict(images, label="targets")
+    out = []
+    for p in (q if isinstance(q, Probe) else Probe.open(q, limit=limit, min_images=min_images) for q in probes):
+        preds, _ = runner.predict(images, p.trigger, "targets") if p.trigger is not None else runner.predict(p.images, label="targets")
+        k = dominant_class(clean, preds) if len(preds) == len(clean) else None
+        out.append(k if k is not None else int(np.bincount(preds).argmax()))
+    return out
+
+
+def _refused(report, reason, found=True):
+    """Report fields of a repair that could not be done: found, NOT removed, nothing to write."""
+    report.update(removal={"held_out": False, "images": 0, "probes": [], "removed": False, "reasons": [reason],
+                           "residual_success": None, "agreement": None},
+                  outcome="not_removed" if found else "nothing_found", output=None, written_despite_backdoor=False)
+    log.warning("not removed: %s", reason)
+    log.warning("the backdoor was found but NOT removed: no model written")
+
+
 def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD, layers="last", max_drop=DEFAULT_MAX_DROP,
                          force=False, always=False, device="auto", threads=None, batch_size=64, limit=None,
                          preprocess=None, targets=None, ridge=None, rep=None, min_images=1, check=True,
@@ -49,20 +98,26 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
     the model written (and returned) only when the probes are dead on it (or with ``always``); the report's
     ``outcome`` says which. ``check=False`` only builds and verifies the repaired model (a step of the blind
     repair) and always returns it."""
-    if method not in METHODS:
+    if method not in METHODS + ("none",):
         raise ScannerError(f"--method must be one of {', '.join(METHODS)}")
     if output is not None:
         check_output(output, force, [rep.model.path if rep is not None else getattr(model, "path", model)])
+    ctx, cut, refusal = rep.ctx if rep is not None else None, None, None
     if rep is None:
         ctx = _context(model, preprocess, device, threads, batch_size)
-        rep = Repair(ctx, data, probes, layers, batch_size, limit, targets, min_images=min_images)
-    found = rep.found
+        work, cut, refusal = graph_repair(ctx)
+        if cut and targets is None:  # the classes the probes push images to on the model as it came, not the cut one
+            targets = probe_targets(ctx, data, probes, limit, min_images)
+        rep = Repair(work, data, probes, layers, batch_size, limit, targets, min_images=min_images)
+    found = rep.found or bool(cut or refusal)
+    if not rep.found and cut:  # the cut alone disarmed the probes: nothing more to do
+        method = "none"
     fallbacks = []
-    if method != "prune" and not any(rep.paired(i) for i in range(len(rep.probes))):
+    if method in ("refit", "both") and not any(rep.paired(i) for i in range(len(rep.probes))):
         fallbacks.append("probe images are not paired with the clean images (different file names): the refit needs "
                          "pairs; falling back to --method prune")
         method = "prune"
-    if method != "prune" and rep.head is None:
+    if method in ("refit", "both") and rep.head is None:
         fallbacks.append("no final Gemm/MatMul head to refit; falling back to --method prune")
         method = "prune"
     for msg in fallbacks:
@@ -75,17 +130,24 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
         weight, bias, after, fit = refit(rep, plan, ridge)
     else:
         after = rep.evaluate_plan(plan) if plan else rep.base
-    rule = {"method": method, "layers": layers, "max_accuracy_drop": max_drop, "refit": fit}
+    rule = {"method": method, "layers": layers, "max_accuracy_drop": max_drop, "refit": fit, "graph_cut": cut}
     report = repair_report("sanitize", rep, plan, rep.base, after, levels, rule)
     report["fallbacks"] = fallbacks
     report["backdoor_found"] = found
+    report["graph"] = ctx.audit
+    if refusal:
+        _refused(report, refusal)
+        return report, None, found
     proto = apply_plan(rep, plan, weight, bias, rule)
-    checks = verify(rep, proto, plan, exact=not plan and weight is None)
+    checks = verify(rep, proto, plan, exact=not plan and weight is None and not cut)
     report["verification"] = checks
     report["verified"] = checks["passed"]
-    if check and not finish(report, rep, proto, output, force, always, min_agreement,
-                            max_accuracy_drop=max_drop if method == "prune" else None):
-        proto = None
+    if check:
+        result = None
+        if found:
+            result = check_repair(rep, proto, min_agreement, max_drop if method == "prune" else None, original=ctx)
+        if not finish(report, proto, output, force, always, found, result, rep.model.path):
+            proto = None
     if not found:
         log.info("the probe does not move the model (success %.1f%% < %.0f%%): %s",
                  100 * max(rep.base.probe_success), 100 * PROBE_EFFECT,
@@ -122,6 +184,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
     ctx = _context(model, preprocess, device, threads, batch_size)
     if output is not None:
         check_output(output, force, [ctx.path])
+    work, cut, refusal = graph_repair(ctx)
     images = data if not isinstance(data, (str, Path)) else ImageSet(data, limit=limit, min_images=min_images)
     whole = cached(images, ctx.preprocess)
     images, held, _ = holdout_split(whole)  # the held-out images only ever check the repaired model
@@ -144,6 +207,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
         "candidates": verdict["candidates"],
         "thresholds": verdict["thresholds"],
         "evidence": verdict["evidence"],
+        "graph": verdict["graph"],
         "backdoor_found": found,
         "output": None,
     }
@@ -151,9 +215,13 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
         report["outcome"] = "nothing_found"
         report["seconds"] = round(time.perf_counter() - started, 3)
         return report, None, False
+    if refusal:
+        _refused(report, refusal)
+        report["seconds"] = round(time.perf_counter() - started, 3)
+        return report, None, found
     # Probes: the flagged triggers (with --always on a clean verdict: the most anomalous class's), and variants.
     flagged = [c for c in verdict["candidates"] if c["level"] == verdict["verdict"]] if found else []
-    if not flagged:
+    if not flagged and not cut:
         sizes = verdict["evidence"]["sizes"]
         fam, i = max(((f, i) for f in sizes for i in range(len(result.classes))), key=lambda p: sizes[p[0]]["anomaly"][p[1]])
         flagged = [{"target": result.classes[i].target, "family": fam}]
@@ -166,9 +234,14 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
     targets = sorted({c.target for c in probes})
     for r in range(max(1, rounds)):
         round_started = time.perf_counter()
-        rep = Repair(ctx, images, [Probe(trigger=c.trigger(result.color), source=f"synthesized:{c.describe()}") for c in probes],
+        rep = Repair(work, images, [Probe(trigger=c.trigger(result.color), source=f"synthesized:{c.describe()}") for c in probes],
                      "last", batch_size, limit, [c.target for c in probes], holdout=held)
-        rep_report, proto, _ = sanitize_with_probes(ctx, images, None, None, "refit", rep=rep, check=False)
+        if not rep.found:  # no synthesized trigger works on the model to repair (after a graph cut): nothing to refit
+            rep_report, proto, _ = sanitize_with_probes(work, images, None, None, "none", rep=rep, check=False)
+            best = (rep_report, proto, None, rep)
+            rounds_log.append({"round": r + 1, "probes": len(probes), "refit": False})
+            break
+        rep_report, proto, _ = sanitize_with_probes(work, images, None, None, "refit", rep=rep, check=False)
         ridge = rep_report["rule"]["refit"]["ridge"]
         log.info("refit round %d (ridge %g, probe weight %g): agreement %.2f%%, synthesized trigger success %.2f%% "
                  "(cross-validated)", r + 1, ridge, rep_report["rule"]["refit"]["probe_weight"],
@@ -182,7 +255,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
             break
         # Search the repaired model again (from the same triggers, and afresh): does the target still stand out?
         left = max(1.0, min(cfg.budget, budget - (time.perf_counter() - started) - 2 * round_seconds))
-        again = Synthesizer(search_runner(ctx.derived(proto), cfg.batch_size), pixels,
+        again = Synthesizer(search_runner(work.derived(proto), cfg.batch_size), pixels,
                             replace(cfg, seed=cfg.seed + r + 1, budget=left))
         fresh = [c for res in again.run(targets).classes for c in res.found.values()]
         new = [c for c in again.polish(probes[:n_flagged], POLISH_STEPS) + fresh
@@ -198,6 +271,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
         **{k: rep_report[k] for k in ("rule", "pruned", "pruned_count", "refit", "fallbacks", "before", "after",
                                       "verification", "verified")},
         "method": rep_report["rule"]["method"],
+        "graph_cut": cut,
         "ridge": ridge,
         "rounds": rounds_log,
         "probes": [{"target": c.target, "trigger": c.describe(), "size": round(c.size, 6), "success": round(c.success, 6)}
@@ -205,7 +279,8 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
     }
     if triggers_dir is not None:
         report["triggers"] = save_triggers(result, flagged, triggers_dir)
-    if not finish(report, rep, proto, output, force, always, min_agreement, found=found):
+    result = check_repair(rep, proto, min_agreement, original=ctx) if found else None
+    if not finish(report, proto, output, force, always, found, result, ctx.path):
         proto = None
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report, proto, found

@@ -53,6 +53,7 @@ def build_report(ctx, runner, clean_set, clean, probe, probed, seconds, top=10):
         "runtime": {"provider": runner.provider, "device": runner.session.device},
         "data": {"clean": _data_facts(clean_set, clean)},
         "layers": layers,
+        "audit": ctx.audit,
         "top_channels": [],
         "timing": {"seconds": round(seconds, 3), "clean_images_per_second": round(clean.rate(), 1)},
     }

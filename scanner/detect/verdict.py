@@ -10,7 +10,10 @@ Signals, per class and trigger family (:mod:`scanner.detect.synthesis`):
 - the l-inf fingerprint: the robust z-score of the largest rise of a last-conv channel's peak under the
   trigger (the paper's observation: a backdoor trigger drives a few channels far above the others);
 - weights-only evidence needing no data (:mod:`scanner.detect.weights`: CLP channel Lipschitz bounds),
-  reported; it does not decide the verdict (CLP misses blend-type backdoors).
+  reported; it does not decide the verdict (CLP misses blend-type backdoors);
+- the graph audit (:mod:`scanner.graph.audit`): a high-severity finding (a branch into the scores that
+  bypasses the head, image-dependent control flow) makes the model ``backdoored`` whatever the search found,
+  a medium one (a switch or a crop of the raw input) at least ``suspicious``.
 
 A class is ``backdoored`` when its trigger works, its size anomaly is above ``ANOMALY`` and either the
 fingerprint is above ``FINGERPRINT_Z`` or the anomaly is above ``STRONG_ANOMALY``; ``suspicious`` when it
@@ -25,6 +28,7 @@ import logging
 import numpy as np
 
 from scanner.detect.weights import channel_lipschitz
+from scanner.graph.audit import level as audit_level
 
 ANOMALY = 2.0
 STRONG_ANOMALY = 4.0
@@ -121,10 +125,15 @@ def decide(synthesis, ctx=None):
     rank = {v: i for i, v in enumerate(VERDICTS)}
     candidates.sort(key=lambda c: (-rank[c["level"]], -c["anomaly"]))
     verdict = max((c["level"] for c in candidates), key=rank.get, default="clean")
+    graph = ctx.audit if ctx is not None else None
+    verdict = max(verdict, audit_level(graph), key=rank.get)
     targets = []
     for c in candidates:
         if c["level"] == verdict and c["target"] not in targets:
             targets.append(c["target"])
+    for f in (graph or {}).get("findings", []):
+        if audit_level({"severity": f["severity"]}) == verdict and f.get("target") is not None and f["target"] not in targets:
+            targets.append(f["target"])
     out = {
         "verdict": verdict,
         "targets": targets,
@@ -139,6 +148,7 @@ def decide(synthesis, ctx=None):
             "success": tau,
         },
         "evidence": {"sizes": sizes, "synthesis": synthesis.to_dict()},
+        "graph": graph,
     }
     if ctx is not None:
         out["evidence"]["clp"] = channel_lipschitz(ctx.proto, ctx.layers)

@@ -245,3 +245,46 @@ def record(model, key_values):
             entry = m.metadata_props.add()
             entry.key, entry.value = key, text
     return m
+
+
+def cut_branch(model, join, keep_input):
+    """A copy of ``model`` where node ``join`` (a name) is replaced by an Identity of its input ``keep_input`` (a
+    slot), and every node that then feeds nothing is dropped: how a side branch joining the scores is cut
+    (:mod:`scanner.graph.audit`). Returns (model, names of the removed nodes)."""
+    m = copy_model(model)
+    g = m.graph
+    gi = GraphIndex(m, infer=False)
+    if join not in gi.by_name:
+        raise ScannerError(f"node {join!r} not found; cannot cut the branch")
+    i = gi.by_name[join]
+    node = g.node[i]
+    if not 0 <= keep_input < len(node.input) or not node.input[keep_input]:
+        raise ScannerError(f"node {join!r} has no input {keep_input}")
+    ident = onnx.helper.make_node("Identity", [node.input[keep_input]], [node.output[0]], name=f"{node.name or join}/cut")
+    g.node.remove(node)
+    g.node.insert(i, ident)
+    removed = [join] + _drop_dead(m)
+    return m, removed
+
+
+def _drop_dead(model):
+    """Remove nodes none of whose outputs is used (by a node, a subgraph or a graph output), repeatedly; drop the
+    initializers nothing reads any more. Returns the removed nodes' names."""
+    g = model.graph
+    removed = []
+    while True:
+        gi = GraphIndex(model, infer=False)
+        dead = [j for j, n in enumerate(g.node)
+                if not any(o in gi.outputs or gi.consumers.get(o) for o in n.output if o)]
+        if not dead:
+            break
+        for j in sorted(dead, reverse=True):
+            removed.append(gi.names[j])
+            del g.node[j]
+    gi = GraphIndex(model, infer=False)
+    inputs = {vi.name for vi in g.input}
+    for t in [t for t in g.initializer if not gi.consumers.get(t.name) and t.name not in gi.outputs]:
+        g.initializer.remove(t)
+        if t.name in inputs:  # IR < 4: the initializer's graph input goes with it
+            g.input.remove(next(vi for vi in g.input if vi.name == t.name))
+    return removed

@@ -83,8 +83,9 @@ class Repair:
         self.probed = [self._measure_probe(p) for p in self.probes]
         self.targets = list(targets) if targets is not None else [self._dominant(m) for m in self.probed]
         scores = [probe_scores(self.clean.stats, m.stats, self.runner.slices) for m in self.probed]
-        self.rise = np.max([r for r, _ in scores], axis=0)
-        self.score = np.max([s for _, s in scores], axis=0)
+        zeros = np.zeros(self.runner.channels)
+        self.rise = np.max([r for r, _ in scores], axis=0) if scores else zeros
+        self.score = np.max([s for _, s in scores], axis=0) if scores else zeros
         self.base = self.level(0, self.clean.preds, [m.preds for m in self.probed])
         self.seconds = {"measure": time.perf_counter() - started}
 
@@ -115,7 +116,8 @@ class Repair:
         return measure(self.runner, images, probe.trigger, masks, keep, norms, "probe")
 
     def _dominant(self, m):
-        """The class the probe pushes images to (among moved pairs), else its most common prediction."""
+        """The class the probe pushes images to (among moved pairs), else its most common prediction (the same rule
+        as :func:`scanner.commands.sanitize.probe_targets`)."""
         k = dominant_class(self.clean.preds, m.preds) if len(m.preds) == len(self.clean.preds) else None
         return k if k is not None else int(np.bincount(m.preds).argmax())
 

@@ -118,35 +118,38 @@ def write_model(proto, path, force=False, source=None):
     return path
 
 
-def removal(rep, proto, min_agreement=MIN_AGREEMENT, max_accuracy_drop=None):
-    """Whether a repair removed what its probes found, measured through the repaired model on held-out images.
+def removal(original, proto, images, probes=(), min_agreement=MIN_AGREEMENT, max_accuracy_drop=None, held_out=True):
+    """Whether a repair removed what was found, measured through the repaired model on held-out images.
 
-    For every probe (a trigger stamped on the held-out clean images, or the held-out part of a probe folder):
-    its success on the original and on the repaired model; and the repaired model's agreement with the original
-    on the held-out clean images. ``removed`` when every probe is under RESIDUAL_SUCCESS and agreement reaches
-    ``min_agreement`` (or, with ``max_accuracy_drop`` and labeled images, when clean accuracy fell by no more than
-    that); ``reasons`` says what failed. Without a held-out set (small data) the fit images are used, and
-    ``held_out`` is False.
+    ``original``: the model's context; ``images``: the held-out clean images; ``probes``: (Probe, target, held-out
+    probe images or None) for every probe that led to the repair. For each probe (a trigger stamped on the
+    held-out clean images, or the held-out part of a probe folder): its success on the original and on the
+    repaired model; and the repaired model's agreement with the original on the held-out clean images.
+    ``removed`` when every probe is under RESIDUAL_SUCCESS, agreement reaches ``min_agreement`` (or, with
+    ``max_accuracy_drop`` and labeled images, clean accuracy fell by no more than that) and the graph audit of the
+    repaired model finds nothing of high severity; ``reasons`` says what failed. ``held_out`` False says that the
+    images are the ones the repair was fitted on (small data).
     """
-    images = rep.holdout_set if rep.holdout_set is not None else rep.clean_set
-    original, repaired = rep.ctx.runner(), rep.ctx.derived(proto).runner()
-    p0, labels = original.predict(images, label="check")
-    p1, _ = repaired.predict(images, label="check")
+    from scanner.graph.audit import audit
+
+    runner0, runner1 = original.runner(), original.derived(proto).runner()
+    p0, labels = runner0.predict(images, label="check")
+    p1, _ = runner1.predict(images, label="check")
     agreement = float((p0 == p1).mean())
     accuracy = None
     if max_accuracy_drop is not None and labels is not None:
         accuracy = {"before": round(float((p0 == labels).mean()), 6), "after": round(float((p1 == labels).mean()), 6)}
     rows, reasons = [], []
-    for i, (probe, target) in enumerate(zip(rep.probes, rep.targets)):
+    for i, (probe, target, probe_held) in enumerate(probes):
         if probe.trigger is not None:
             others = p0 != target
-            b, _ = original.predict(images, probe.trigger, "check")
-            a, _ = repaired.predict(images, probe.trigger, "check")
+            b, _ = runner0.predict(images, probe.trigger, "check")
+            a, _ = runner1.predict(images, probe.trigger, "check")
             before, after = (float((x[others] == target).mean()) if others.any() else 0.0 for x in (b, a))
         else:
-            held = rep.probe_holdout[i] if rep.probe_holdout[i] is not None else probe.images
-            b, _ = original.predict(held, label="check")
-            a, _ = repaired.predict(held, label="check")
+            held = probe_held if probe_held is not None else probe.images
+            b, _ = runner0.predict(held, label="check")
+            a, _ = runner1.predict(held, label="check")
             before, after = float((b == target).mean()), float((a == target).mean())
         rows.append({"probe": probe.describe(), "target": int(target), "success_before": round(before, 6),
                      "success_after": round(after, 6), "dead": after < RESIDUAL_SUCCESS})
@@ -161,9 +164,13 @@ def removal(rep, proto, min_agreement=MIN_AGREEMENT, max_accuracy_drop=None):
     elif agreement < min_agreement:
         reasons.append(f"agreement with the original model on held-out clean images is {agreement:.2%} "
                        f"(needs {min_agreement:.0%})")
-    out = {"held_out": rep.holdout_set is not None, "images": int(len(p0)), "agreement": round(agreement, 6),
+    graph = audit(proto, original.scores)
+    for f in graph["findings"]:
+        if f["severity"] == "high":
+            reasons.append(f"the repaired graph still has a {f['rule']} finding: {f['message']}")
+    out = {"held_out": bool(held_out), "images": int(len(p0)), "agreement": round(agreement, 6),
            "min_agreement": None if accuracy is not None else min_agreement, "residual_success": RESIDUAL_SUCCESS,
-           "probes": rows, "removed": not reasons, "reasons": reasons}
+           "probes": rows, "graph_findings": len(graph["findings"]), "removed": not reasons, "reasons": reasons}
     if accuracy is not None:
         out.update(accuracy=accuracy, max_accuracy_drop=max_accuracy_drop)
     return out

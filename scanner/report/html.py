@@ -186,6 +186,13 @@ def _verdict_section(view):
         parts.append("<h3>Evidence: classes with an anomalously small working trigger</h3>")
         parts.append(_table(["class", "family", "level", "smallest trigger", "size", "success", "size anomaly",
                              "l-inf z", "channels"], rows, left=4))
+    graph = view.get("graph")
+    if graph and graph.get("findings"):
+        parts.append(f"<h3>Graph audit: logic on the path from the image to the scores (head {_e(graph.get('head'))})</h3>")
+        rows = [[f["severity"], f["rule"], f["message"], ", ".join(f["nodes"][:12]) + (" ..." if len(f["nodes"]) > 12 else "")]
+                for f in graph["findings"]]
+        parts.append(_table(["severity", "rule", "finding", "nodes"], rows, left=4,
+                            hot=[i for i, f in enumerate(graph["findings"]) if f["severity"] == "high"]))
     sizes = view.get("sizes")
     if sizes:
         parts.append(_sizes_figure(view))
@@ -465,7 +472,7 @@ def _gate_view(entry, art):
         "title": entry["path"], "status": entry["status"], "verdict": entry.get("verdict"), "targets": entry.get("targets"),
         "reasons": entry.get("reasons"), "warnings": entry.get("warnings"), "error": entry.get("error"),
         "candidates": entry.get("candidates"), "thresholds": entry.get("thresholds"), "facts": entry.get("model"),
-        "preprocess": entry.get("preprocess"), "data": entry.get("data"),
+        "preprocess": entry.get("preprocess"), "data": entry.get("data"), "graph": entry.get("graph"),
     }
     ev = entry.get("evidence")
     if ev:
@@ -552,7 +559,7 @@ def scan_html(report, ctx, data, probe=None):
     pre = ctx.preprocess
     view = {"title": str(ctx.path), "facts": report["model"], "preprocess": report["preprocess"],
             "data": {"clean": report["data"]["clean"]["path"], "images": report["data"]["clean"]["images"]},
-            "scan": report, "status": None, "verdict": None}
+            "scan": report, "status": None, "verdict": None, "graph": report.get("audit")}
     probe_obj = Probe.open(probe) if probe is not None and not isinstance(probe, Probe) else probe
     if report.get("probe"):
         eff = report["probe"].get("effect", {})
@@ -590,7 +597,7 @@ def sanitize_html(report):
     """The HTML audit of a sanitize report: verdict, evidence, facts, before/after (no pixels needed)."""
     view = {"title": report["model"]["path"], "verdict": report.get("verdict"), "targets": report.get("targets"),
             "candidates": report.get("candidates"), "thresholds": report.get("thresholds"), "facts": report["model"],
-            "preprocess": report.get("preprocess"), "status": None}
+            "preprocess": report.get("preprocess"), "status": None, "graph": report.get("graph")}
     ev = report.get("evidence")
     if ev:
         view["sizes"] = ev["sizes"]

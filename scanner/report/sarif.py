@@ -14,6 +14,8 @@ SCN005  nothing-to-analyse            model without a supported layer
 SCN006  probe-outlier-channels        layer whose channels a probe drives far above clean (scan)
 SCN007  policy-violation              other gate policy reasons (min_images, thresholds, time budget)
 SCN008  backdoor-not-removed          sanitize / prune report whose repair left the backdoor working
+SCN009  graph-backdoor                graph audit finding: logic on the input-to-scores path a classifier
+                                      does not need (a branch past the head, control flow, a switch)
 ======  ============================  ==========================================================
 
 Levels: in a gate report a finding that fails the policy is ``error``, one that warns is ``warning``,
@@ -55,6 +57,11 @@ RULES = [
      "The repair ran, but measured again on held-out clean images through the repaired model, a trigger that led to "
      "the verdict still works, or the repaired model no longer agrees with the original on clean images. No sanitized "
      "model was written (unless --always). Do not deploy the model."),
+    ("SCN009", "graph-backdoor", "error", 9.0, "The graph holds logic a classifier does not need",
+     "The graph audit found operators on the path from the image to the scores that a classifier has no use for: "
+     "a branch that reaches the scores without passing through the head, control flow or a switch on the image's "
+     "values, a crop of the raw input, or unusual operators. Published graph-level backdoors look like this; they "
+     "are invisible to weight and activation scans. Inspect the named nodes (`scanner inspect`)."),
 ]
 RULE_INDEX = {rid: i for i, (rid, *_rest) in enumerate(RULES)}
 LEVEL_OF = {"backdoored": "error", "suspicious": "warning", "clean": "note"}
@@ -126,6 +133,11 @@ def _verdict_results(entry, path, level_for, base):
             props = {k: c[k] for k in ("target", "family", "trigger", "size", "success", "anomaly", "fingerprint_z",
                                        "fingerprint_channels")}
             out.append(_result(rule, level_for(verdict), msg, path, sha, f"target {c['target']}", props, base))
+    for f in (entry.get("graph") or {}).get("findings", []):
+        lvl = {"high": level_for("backdoored"), "medium": level_for("suspicious")}.get(f["severity"], "note")
+        msg = f"Graph audit ({f['severity']}): {f['rule']}: {f['message']}. Nodes: {', '.join(f['nodes'][:12])}."
+        out.append(_result("SCN009", lvl, msg, path, sha, f"graph {f['rule']} {f['nodes'][:1]}",
+                           {k: f[k] for k in ("rule", "severity", "nodes", "target", "join") if k in f}, base))
     clp = (entry.get("evidence") or {}).get("clp") if verdict in ("suspicious", "backdoored") else None
     for layer in (clp or {}).get("layers", []):
         if layer["outliers"]:
@@ -186,6 +198,7 @@ def sanitize_results(report, base=None):
     if "verdict" in report:  # synthesized triggers
         return _verdict_results(report, path, lambda v: LEVEL_OF[v], base) + _outcome_results(report, path, base)
     out = _outcome_results(report, path, base)
+    out += _verdict_results({"graph": report.get("graph"), "model": report["model"]}, path, lambda v: LEVEL_OF[v], base)
     if report.get("backdoor_found"):
         for i, p in enumerate(report["probes"]):
             success = report["before"]["probe_success"][i]
@@ -197,8 +210,8 @@ def sanitize_results(report, base=None):
 
 
 def scan_results(report, base=None):
-    out = []
     path, sha = report["model"]["path"], report["model"]["sha256"]
+    out = _verdict_results({"graph": report.get("audit"), "model": report["model"]}, path, lambda v: LEVEL_OF[v], base)
     for layer in report["layers"]:
         if layer.get("outliers"):
             top = sorted(layer["outliers"], key=lambda i: -(layer["score"][i] or 0))[:16]

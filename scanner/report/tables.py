@@ -98,6 +98,17 @@ def _ratio(a, b):
     return a / b
 
 
+def audit_lines(graph):
+    """The graph audit's findings as text lines (none for a clean graph)."""
+    if not graph or not graph["findings"]:
+        return []
+    lines = [f"graph audit: {len(graph['findings'])} finding(s) (head {graph['head']})"]
+    for f in graph["findings"]:
+        nodes = ", ".join(f["nodes"][:6]) + (" ..." if len(f["nodes"]) > 6 else "")
+        lines.append(f"  [{f['severity']}] {f['rule']}: {f['message']} (nodes: {nodes})")
+    return lines
+
+
 def inspect_table(info):
     """Terminal view of ``scanner inspect``."""
     m = info["model"]
@@ -126,6 +137,8 @@ def inspect_table(info):
     ]
     out.append(table(["#", "layer id", "op", "channels", "spatial", "read after", ""], rows, [">", "<", "<", ">", ">", "<", "<"]))
     out.append(f"{len(info['layers'])} layers")
+    graph = info.get("audit")
+    out += audit_lines(graph) or ([f"graph audit: no findings ({graph['nodes']} nodes)"] if graph else [])
     return "\n".join(out) + "\n"
 
 
@@ -210,6 +223,7 @@ def verdict_table(report):
     for c in report["candidates"][:4]:
         lines.append(f"  class {c['target']} {c['family']}: {c['trigger']}, size {c['size']:.4f}, success {c['success']:.1%}, "
                      f"anomaly {c['anomaly']:.1f}, l-inf fingerprint z {c['fingerprint_z']:.1f} -> {c['level']}")
+    lines += audit_lines(report.get("graph"))
     if report["verdict"] == "clean" and report.get("output") is None:
         lines.append("no backdoor found: no model written (use --always to write one anyway)")
     return "\n".join(lines) + "\n"
@@ -232,6 +246,9 @@ def gate_table(report, color=False):
         if e.get("candidates"):
             c = e["candidates"][0]
             evidence = f"{c['trigger']}, success {c['success']:.0%}, anomaly {c['anomaly']:.1f}, l-inf z {c['fingerprint_z']:.1f}"
+        elif (e.get("graph") or {}).get("findings"):
+            f = e["graph"]["findings"][0]
+            evidence = f"graph {f['rule']} ({f['severity']}): {f['message']}"[:90]
         elif e.get("evidence"):
             worst_a = max((max(s["anomaly"]) for s in e["evidence"]["sizes"].values()), default=0.0)
             evidence = f"largest size anomaly {worst_a:.1f}"
