@@ -85,6 +85,7 @@ def repair_report(command, rep, plan, before, after, levels, rule):
         "pruned": [{"layer": lid, "channels": ch} for lid, ch in sorted(plan.items())],
         "pruned_count": sum(len(v) for v in plan.values()),
         "refit": rule.get("method") in ("refit", "both"),
+        "refit_layers": [rep.head.id] if rule.get("method") in ("refit", "both") and rep.head is not None else [],
         "before": before.to_dict(),
         "after": after.to_dict(),
         "sweep": [lv.to_dict() for lv in levels] if levels else None,

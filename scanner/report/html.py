@@ -373,7 +373,13 @@ def _repair_section(view):
         name = label.get("trigger") if isinstance(label.get("trigger"), str) else label.get("source", f"probe {i}")
         rows.append([f"trigger success -> {label.get('target', '?')} ({name})", f"{s:.2%}", f"{a['probe_success'][i]:.2%}"])
     out = "<h3>Sanitized model: before / after</h3>" + _table(["", "before", "after"], rows)
-    if rep.get("output"):
+    check = view.get("removal")
+    if check:
+        from scanner.report.tables import removal_lines
+
+        lines = removal_lines({"removal": check, "outcome": view.get("outcome"), "output": rep.get("output")})
+        out += "<ul class=\"reasons\">" + "".join(f"<li>{_e(line.strip())}</li>" for line in lines) + "</ul>"
+    elif rep.get("output"):
         out += f'<p class="note">written: {_e(rep["output"])}</p>'
     return out
 
@@ -606,4 +612,5 @@ def sanitize_html(report):
                                    if "before" in report else None)
     if rep:
         view["repair"] = {**rep, "output": report.get("output")}
+    view["removal"], view["outcome"] = report.get("removal"), report.get("outcome")
     return render("scanner audit: sanitize", f"Sanitize report of {report['model']['path']}", [view])
