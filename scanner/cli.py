@@ -90,6 +90,8 @@ def emit(text, output=None, force=False, inputs=()):
 
 # Flag groups, so that one flag means the same thing in every command.
 MIN_IMAGES_HELP = "Fail when fewer usable images remain (unreadable files are counted and named)."
+PREPROCESS_HELP = ("imagenet | caffe | inception | raw | FILE.json: how pixels become the model's input (overrides the "
+                   "model's metadata; without either a float model is fed 0-1 RGB, with a warning).")
 
 
 def data_options(fn=None, min_images_default=1, min_images_help=MIN_IMAGES_HELP):
@@ -98,7 +100,9 @@ def data_options(fn=None, min_images_default=1, min_images_help=MIN_IMAGES_HELP)
     def wrap(fn):
         for deco in reversed(
             [
-                click.option("--preprocess", "preprocess", type=click.Path(dir_okay=False), help="Preprocessing JSON (overrides the model's metadata)."),
+                click.option("--preprocess", "preprocess", type=click.Path(dir_okay=False), help=PREPROCESS_HELP),
+                click.option("--scores", "scores", default=None, metavar="NAME",
+                             help="The graph output holding the class scores [default: the one float (N, K) output, K >= 2]."),
                 click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="onnxruntime provider."),
                 click.option("--batch-size", type=click.IntRange(1, 65536), default=128, show_default=True),
                 click.option("--threads", type=click.IntRange(1, 1024), default=None, help="onnxruntime intra-op threads."),
@@ -142,10 +146,11 @@ def cli(verbose, quiet, debug):
 
 @cli.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--preprocess", "preprocess", type=click.Path(dir_okay=False), help="Preprocessing JSON (overrides the model's metadata).")
+@click.option("--preprocess", "preprocess", type=click.Path(dir_okay=False), help=PREPROCESS_HELP)
+@click.option("--scores", "scores", default=None, metavar="NAME", help="The graph output holding the class scores.")
 @output_options()
 @command
-def inspect_cmd(model, preprocess, fmt, output, force):
+def inspect_cmd(model, preprocess, scores, fmt, output, force):
     """Model facts and the layer table: every Conv / Gemm / MatMul layer and where its channels are read.
 
     \b
@@ -155,7 +160,9 @@ def inspect_cmd(model, preprocess, fmt, output, force):
     from scanner.commands.inspect import inspect_model
     from scanner.report.tables import inspect_table, to_json
 
-    info = inspect_model(model, preprocess)
+    from scanner.context import ModelContext
+
+    info = inspect_model(ModelContext.open(model, preprocess, scores=scores))
     emit(to_json(info) if fmt == "json" else inspect_table(info), output, force, [model])
     return EXIT_OK
 
@@ -170,8 +177,8 @@ def inspect_cmd(model, preprocess, fmt, output, force):
 @output_options()
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), help="Also write a self-contained HTML audit to FILE.")
 @command
-def scan_cmd(model, data, probe, layers, top, preprocess, device, batch_size, threads, limit, min_images, fmt, output, force,
-             html_out):
+def scan_cmd(model, data, probe, layers, top, preprocess, scores, device, batch_size, threads, limit, min_images, fmt, output,
+             force, html_out):
     """Measure per-channel l-inf / l1 / l2 activation norms on clean and probe images.
 
     \b
@@ -187,7 +194,7 @@ def scan_cmd(model, data, probe, layers, top, preprocess, device, batch_size, th
     for path in (output, html_out):
         if path:
             check_output(path, force, [model])
-    ctx = ModelContext.open(model, preprocess, device, threads, batch_size)
+    ctx = ModelContext.open(model, preprocess, device, threads, batch_size, scores)
     report = scan(ctx, data, probe, layers, limit=limit, top=top, min_images=min_images)
     if html_out:
         from scanner.report.html import scan_html
@@ -226,7 +233,7 @@ def model_output_options(fn):
 @data_options
 @model_output_options
 @command
-def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, target, preprocess, device, batch_size,
+def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, target, preprocess, scores, device, batch_size,
               threads, limit, min_images, fmt, report_out, force, always):
     """The paper's defense: rank channels by l-inf rise on probe images, zero the top ones, write a verified model.
 
@@ -241,7 +248,11 @@ def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, tar
 
     if report_out:
         check_output(report_out, force, [model])
-    report, _ = prune_model(model, data, probe, model_out, layers, count, ratio, max_drop, force, device, threads,
+    from scanner.context import ModelContext
+
+    check_output(model_out, force, [model])
+    ctx = ModelContext.open(model, preprocess, device, threads, batch_size, scores)
+    report, _ = prune_model(ctx, data, probe, model_out, layers, count, ratio, max_drop, force, device, threads,
                             batch_size, limit, preprocess, target, min_images=min_images, always=always)
     status(repair_table(report))
     if report_out:
@@ -272,7 +283,7 @@ def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, tar
 @model_output_options
 @command
 def sanitize_cmd(model, data, probes, model_out, method, max_drop, min_agreement, budget, seed, triggers_dir, layers, target,
-                 preprocess, device, batch_size, threads, limit, min_images, fmt, report_out, force, always):
+                 preprocess, scores, device, batch_size, threads, limit, min_images, fmt, report_out, force, always):
     """Find and remove a backdoor; write a verified, sanitized model (exit 1 when one was found and removed).
 
     Without --probe: synthesize the smallest trigger per class (forward passes only), decide (clean /
@@ -290,17 +301,21 @@ def sanitize_cmd(model, data, probes, model_out, method, max_drop, min_agreement
     from scanner.fileio import check_output
     from scanner.report.tables import repair_table, to_json, verdict_table
 
+    from scanner.context import ModelContext
+
     if report_out:
         check_output(report_out, force, [model])
+    check_output(model_out, force, [model])
+    ctx = ModelContext.open(model, preprocess, device, threads, batch_size, scores)
     if not probes:
-        report, proto, found = sanitize_blind(model, data, model_out, force, always, device, threads, batch_size, limit,
+        report, proto, found = sanitize_blind(ctx, data, model_out, force, always, device, threads, batch_size, limit,
                                               preprocess, Config(seed=seed), triggers_dir=triggers_dir, budget=budget,
                                               min_images=min_images, min_agreement=min_agreement)
         status(verdict_table(report))
         if "repair" in report:
             status(repair_table({**report["repair"], **{k: report.get(k) for k in ("removal", "outcome", "output")}}))
     else:
-        report, proto, found = sanitize_with_probes(model, data, list(probes), model_out, method, layers, max_drop, force,
+        report, proto, found = sanitize_with_probes(ctx, data, list(probes), model_out, method, layers, max_drop, force,
                                                     always, device, threads, batch_size, limit, preprocess,
                                                     None if target is None else [target] * len(probes),
                                                     min_images=min_images, min_agreement=min_agreement)
@@ -321,8 +336,8 @@ def sanitize_cmd(model, data, probes, model_out, method, max_drop, min_agreement
 @data_options
 @output_options()
 @command
-def evaluate_cmd(model, data, trigger, target, compare, preprocess, device, batch_size, threads, limit, min_images, fmt,
-                 output, force):
+def evaluate_cmd(model, data, trigger, target, compare, preprocess, scores, device, batch_size, threads, limit, min_images,
+                 fmt, output, force):
     """Clean accuracy and attack success rate (on images whose true class is not the target).
 
     \b
@@ -337,7 +352,8 @@ def evaluate_cmd(model, data, trigger, target, compare, preprocess, device, batc
         from scanner.fileio import check_output
 
         check_output(output, force, [model])
-    report = evaluate(model, data, trigger, target, compare, device, batch_size, threads, limit, preprocess, min_images)
+    report = evaluate(model, data, trigger, target, compare, device, batch_size, threads, limit, preprocess, min_images,
+                      scores)
     emit(to_json(report) if fmt == "json" else evaluate_table(report), output, True, [model])
     return EXIT_OK
 
@@ -373,7 +389,7 @@ Exit codes (several models: the worst, in the order 2, 1, 3, 0):
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), help="Also write a self-contained HTML audit to FILE.")
 @command
 def gate_cmd(models, data, policy_file, fail_on, max_anomaly, max_fingerprint_z, allow_unanalysable, budget, seed,
-             preprocess, device, batch_size, threads, limit, min_images, fmt, output, force, html_out):
+             preprocess, scores, device, batch_size, threads, limit, min_images, fmt, output, force, html_out):
     """Deployment gate: detect backdoors (no repair) in one or more models and judge them by a policy.
 
     MODELS are .onnx files or folders of them. The product (table, JSON report or SARIF 2.1.0 log) goes to
@@ -396,7 +412,8 @@ def gate_cmd(models, data, policy_file, fail_on, max_anomaly, max_fingerprint_z,
                  "max_fingerprint_z": max_fingerprint_z, "unanalysable": "pass" if allow_unanalysable else None,
                  "budget": budget, "seed": seed, "limit": limit}
     policy = load_policy(policy_file, overrides)
-    report, artefacts = run_gate(models, data, policy, preprocess, device, threads, keep=bool(html_out), batch_size=batch_size)
+    report, artefacts = run_gate(models, data, policy, preprocess, device, threads, keep=bool(html_out), batch_size=batch_size,
+                                 scores=scores)
     if fmt == "json":
         product = to_json(report)
     elif fmt == "sarif":

@@ -17,13 +17,13 @@ _CACHE = {}
 _REAL = scanner.commands.gate.analyse
 
 
-def cached_analyse(path, images, policy, preprocess=None, device="auto", threads=None, keep=False, batch_size=128):
+def cached_analyse(path, images, policy, preprocess=None, device="auto", threads=None, keep=False, batch_size=128, scores=None):
     p = Path(path)
     digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else str(p)
-    key = (digest, repr(policy.analysis), policy.min_images, str(Path(images.path).resolve()), len(images), preprocess)
+    key = (digest, repr(policy.analysis), policy.min_images, str(Path(images.path).resolve()), len(images), preprocess, scores)
     if key not in _CACHE:
         try:
-            _CACHE[key] = ("ok", _REAL(path, images, policy, preprocess, device, threads, True, batch_size))
+            _CACHE[key] = ("ok", _REAL(path, images, policy, preprocess, device, threads, True, batch_size, scores))
         except Exception as exc:  # errors are replayed too (cheap, but keeps behaviour identical)
             _CACHE[key] = ("raise", exc)
     kind, value = _CACHE[key]

@@ -80,20 +80,20 @@ def search_config(analysis):
     return cfg
 
 
-def analyse(path, images, policy, preprocess=None, device="auto", threads=None, keep=False, batch_size=128):
+def analyse(path, images, policy, preprocess=None, device="auto", threads=None, keep=False, batch_size=128, scores=None):
     """Detection for one model: synthesis + verdict. Returns (entry, Artefacts or None).
 
     ``entry`` is the model's JSON-ready record without the policy judgement; errors raise (ScannerError,
     NothingToAnalyse), the caller records them.
     """
     started = time.perf_counter()
-    ctx = ModelContext.open(path, preprocess, device, threads, batch_size)
+    ctx = ModelContext.open(path, preprocess, device, threads, batch_size, scores)
     ctx.select("last")  # NothingToAnalyse when there is no supported layer
     cfg = search_config(policy.analysis)
     runner = search_runner(ctx, cfg.batch_size)
     pixels = images.load_all(ctx.preprocess).pixels
     entry = {
-        "model": ctx.model.facts(),
+        "model": ctx.facts(),
         "preprocess": ctx.preprocess.to_dict(),
         "runtime": {"provider": runner.provider},
         "data": {"clean": str(images.path), "images": int(len(pixels)), "skipped": len(images.skipped)},
@@ -136,7 +136,8 @@ def worst(codes):
     return max(codes, key=SEVERITY.get, default=EXIT_OK)
 
 
-def run_gate(models, data, policy=None, preprocess=None, device="auto", threads=None, keep=False, batch_size=128):
+def run_gate(models, data, policy=None, preprocess=None, device="auto", threads=None, keep=False, batch_size=128,
+             scores=None):
     """Gate every model in ``models`` (files or folders). Returns (report, {path: Artefacts}).
 
     A model that cannot be loaded or analysed is recorded as an error (or as unanalysable) and the others
@@ -150,7 +151,7 @@ def run_gate(models, data, policy=None, preprocess=None, device="auto", threads=
     for i, path in enumerate(paths):
         log.info("[%d/%d] %s", i + 1, len(paths), path)
         try:
-            entry, art = analyse(path, images, policy, preprocess, device, threads, keep, batch_size)
+            entry, art = analyse(path, images, policy, preprocess, device, threads, keep, batch_size, scores)
         except ScannerError as exc:
             log.warning("%s", " ".join(str(exc).split()))
             entry, art = _problem(path, exc, policy), None

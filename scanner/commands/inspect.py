@@ -9,7 +9,7 @@ def inspect_model(model, preprocess=None):
     pre = ctx.preprocess
     return {
         "schema": "scanner.inspect/1",
-        "model": ctx.model.facts(),
+        "model": ctx.facts(),
         "preprocess": pre.to_dict(),
         "preprocess_sources": pre.sources,
         "layers": [

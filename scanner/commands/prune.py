@@ -39,7 +39,7 @@ def prune_model(model, data, probe, output=None, layers="last", count=None, rati
     report["backdoor_found"] = rep.found
     drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
     check = check_repair(rep, proto, 1 - drop, drop if levels else None) if rep.found else None
-    write = finish(report, proto, output, force, always, rep.found, check, rep.model.path, write_unfound=True)
+    write = finish(report, proto, output, force, always, rep.found, check, rep.model.path, write_unfound=True, ctx=rep.ctx)
     return report, proto if write else None
 
 
@@ -51,7 +51,7 @@ def check_repair(rep, proto, min_agreement, max_accuracy_drop=None, original=Non
     return removal(original or rep.ctx, proto, images, probes, min_agreement, max_accuracy_drop, rep.holdout_set is not None)
 
 
-def finish(report, proto, output, force, always, found, check, source, write_unfound=False):
+def finish(report, proto, output, force, always, found, check, source, write_unfound=False, ctx=None):
     """Set the report's ``removal``, ``outcome`` and ``output`` from the removal ``check`` (None when nothing was
     found), and write the model when the outcome allows it: it was removed, or ``always``, or nothing was found
     and ``write_unfound``. Returns whether the model may be written."""
@@ -66,7 +66,7 @@ def finish(report, proto, output, force, always, found, check, source, write_unf
     report["written_despite_backdoor"] = bool(report["outcome"] == "not_removed" and always and output is not None)
     report["output"] = None
     if write and output is not None:
-        write_model(proto, output, force, source)
+        write_model(ctx.for_writing(proto) if ctx is not None else proto, output, force, source)
         report["output"] = str(output)
     return write
 
@@ -76,7 +76,7 @@ def repair_report(command, rep, plan, before, after, levels, rule):
     return {
         "schema": f"scanner.{command}/1",
         "tool": {"name": "scanner", "version": __version__},
-        "model": rep.model.facts(),
+        "model": rep.ctx.facts(),
         "preprocess": rep.pre.to_dict(),
         "runtime": {"provider": rep.runner.provider},
         "data": {"clean": str(rep.clean_set.path), "images": rep.clean.images, "labeled": rep.labels is not None},

@@ -118,7 +118,8 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
                          "pairs; falling back to --method prune")
         method = "prune"
     if method in ("refit", "both") and rep.head is None:
-        fallbacks.append("no final Gemm/MatMul head to refit; falling back to --method prune")
+        fallbacks.append("no linear head (Gemm, MatMul, or a 1x1 Conv on pooled features) to refit; falling back to "
+                         "--method prune")
         method = "prune"
     for msg in fallbacks:
         log.warning("%s", msg)
@@ -146,7 +147,7 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
         result = None
         if found:
             result = check_repair(rep, proto, min_agreement, max_drop if method == "prune" else None, original=ctx)
-        if not finish(report, proto, output, force, always, found, result, rep.model.path):
+        if not finish(report, proto, output, force, always, found, result, rep.model.path, ctx=rep.ctx):
             proto = None
     if not found:
         log.info("the probe does not move the model (success %.1f%% < %.0f%%): %s",
@@ -198,7 +199,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
     report = {
         "schema": "scanner.sanitize/1",
         "mode": "synthesized",
-        "model": ctx.model.facts(),
+        "model": ctx.facts(),
         "preprocess": ctx.preprocess.to_dict(),
         "data": {"clean": str(images.path), "images": int(len(pixels)) + (len(held) if held is not None else 0),
                  "search_and_repair_images": int(len(pixels)), "held_out_images": len(held) if held is not None else 0},
@@ -280,7 +281,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
     if triggers_dir is not None:
         report["triggers"] = save_triggers(result, flagged, triggers_dir)
     result = check_repair(rep, proto, min_agreement, original=ctx) if found else None
-    if not finish(report, proto, output, force, always, found, result, ctx.path):
+    if not finish(report, proto, output, force, always, found, result, ctx.path, ctx=ctx):
         proto = None
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report, proto, found

@@ -48,7 +48,7 @@ def build_report(ctx, runner, clean_set, clean, probe, probed, seconds, top=10):
     report = {
         "schema": SCHEMA,
         "tool": {"name": "scanner", "version": __version__},
-        "model": ctx.model.facts(),
+        "model": ctx.facts(),
         "preprocess": ctx.preprocess.to_dict(),
         "runtime": {"provider": runner.provider, "device": runner.session.device},
         "data": {"clean": _data_facts(clean_set, clean)},

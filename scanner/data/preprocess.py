@@ -6,6 +6,7 @@ them, then :meth:`Preprocess.to_tensor` makes the model's input. The recipe come
 """
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 from scanner.errors import ScannerError
 from scanner.graph.model import MAX_INPUT_ELEMENTS
 
+log = logging.getLogger("scanner")
 COLORS = ("gray", "rgb", "bgr")
 LAYOUTS = ("NCHW", "NHWC")
 DTYPES = ("float32", "float16", "float64", "uint8", "int8")
@@ -33,6 +35,11 @@ class Preprocess:
     sources: list = field(default_factory=list, compare=False)
 
     KEYS = ("size", "color", "layout", "dtype", "scale", "mean", "std")
+
+    @property
+    def assumed(self):
+        """Whether nothing stated this preprocessing (a guess from the input's dtype alone)."""
+        return ASSUMED in self.sources
 
     @property
     def channels(self):
@@ -117,16 +124,31 @@ def default_preprocess(shape, dtype):
     )
 
 
+PRESETS = {
+    "imagenet": {"color": "rgb", "scale": 1.0 / 255.0, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    "caffe": {"color": "bgr", "scale": 1.0, "mean": [103.939, 116.779, 123.68], "std": [1.0]},
+    "inception": {"color": "rgb", "scale": 1.0 / 255.0, "mean": [0.5], "std": [0.5]},
+    "raw": {"scale": 1.0 / 255.0, "mean": [0.0], "std": [1.0]},
+}
+"""Named preprocessing (``--preprocess NAME``): torchvision's ImageNet mean/std on RGB 0-1; Caffe's BGR mean
+subtraction on 0-255; Inception's [-1, 1]; raw 0-1. Size, layout and dtype still come from the model input."""
+ASSUMED = "assumed"
+"""The source name of preprocessing that nothing stated (a float model without metadata or --preprocess)."""
+
+
 def resolve_preprocess(shape, dtype, metadata=None, override=None, source=None):
-    """Preprocessing from the model input, then its ``scanner.preprocess`` metadata, then a file.
+    """Preprocessing from the model input, then its ``scanner.preprocess`` metadata, then ``override`` (a preset
+    name of :data:`PRESETS` or a JSON file).
 
     The result must fit the model input's fixed dimensions and dtype; ``source`` (the model file) is named
-    in errors about the model's own metadata.
+    in errors about the model's own metadata. A float model with neither metadata nor override gets the
+    ``raw`` recipe with a warning, and ``assumed`` among its sources.
     """
     try:
         pre = default_preprocess(shape, dtype)
     except ScannerError as exc:
         raise ScannerError(str(exc), source) from None
+    stated = bool(metadata and "scanner.preprocess" in metadata) or override is not None
     if metadata and "scanner.preprocess" in metadata:
         try:
             values = json.loads(metadata["scanner.preprocess"])
@@ -136,8 +158,15 @@ def resolve_preprocess(shape, dtype, metadata=None, override=None, source=None):
             pre = pre.updated(values, "model metadata scanner.preprocess")
         except ScannerError as exc:
             raise ScannerError(str(exc), source) from None
-    if override is not None:
+    if override is not None and str(override) in PRESETS:
+        if pre.channels == 1 and str(override) in ("imagenet", "caffe"):
+            raise ScannerError(f"--preprocess {override} is for RGB/BGR models; this model takes 1 channel", source)
+        pre = pre.updated(PRESETS[str(override)], f"preset {override}")
+        override = None
+    elif override is not None:
         path = Path(override)
+        if not path.exists() and path.suffix.lower() != ".json":
+            raise ScannerError(f"--preprocess must be one of {', '.join(PRESETS)} or a JSON file; {override!r} is neither")
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -145,6 +174,12 @@ def resolve_preprocess(shape, dtype, metadata=None, override=None, source=None):
         except (ValueError, UnicodeDecodeError, OSError, RecursionError) as exc:
             raise ScannerError(f"cannot read preprocessing JSON ({str(exc)[:160]})", path) from None
         pre = pre.updated(values, path)
+    if not stated and pre.dtype not in ("uint8", "int8"):
+        log.warning("%s: no preprocessing stated (no scanner.preprocess metadata, no --preprocess): assuming %s %s, "
+                    "scale %g, mean %s, std %s; pass --preprocess imagenet|caffe|inception|raw|FILE.json if the model "
+                    "was trained otherwise", source or "model", pre.color.upper(), list(pre.size), pre.scale,
+                    list(pre.mean), list(pre.std))
+        pre.sources.append(ASSUMED)
     _check_fits(pre, shape, dtype, path if override is not None else source)
     return pre
 

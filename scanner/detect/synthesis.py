@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from scanner.data.triggers import Trigger
+from scanner.detect.sanity import check_fit
 from scanner.detect.stats import robust_z
 from scanner.errors import ScannerError
 from scanner.progress import Progress
@@ -158,6 +159,8 @@ class Synthesis:
     truncated: bool = False
     layer: str = None
     color: str = "rgb"
+    clean: dict = None
+    """Facts of the model's predictions on the clean images (:func:`scanner.detect.sanity.prediction_facts`)."""
 
     def sizes(self, family):
         """Per class size of the family's smallest working trigger (``None`` where none works)."""
@@ -190,6 +193,7 @@ class Synthesis:
             "seconds": round(self.seconds, 3),
             "truncated": bool(self.truncated),
             "fingerprint_layer": self.layer,
+            "clean_predictions": self.clean,
             "classes": rows,
         }
 
@@ -234,10 +238,12 @@ class Synthesizer:
 
     def _clean(self):
         logits, linf = self._run(self.x_val)
+        self.val_logits = logits
         self.val_pred = logits.argmax(1)
         self.classes = logits.shape[1]
         self.clean_linf = linf
         s_logits, _ = self._run(self.x_search)
+        self.search_logits = s_logits
         self.search_pred = s_logits.argmax(1)
 
     def _score(self, logits, pred0, targets=None):
@@ -479,6 +485,9 @@ class Synthesizer:
         self.deadline = started + self.cfg.budget if self.cfg.budget else None
         q0 = self.runner.queries
         self._clean()
+        # Before any verdict: do the predictions make sense? (on every clean image the search holds)
+        self.fit = check_fit(np.concatenate([self.val_logits, self.search_logits])
+                             if not np.array_equal(self.val_idx, self.search_idx) else self.val_logits, self.runner.source)
         targets = list(range(self.classes)) if targets is None else [int(t) for t in targets]
         results = {t: ClassResult(t) for t in targets}
         est = len(targets) * len(self.cfg.families) * (self.cfg.steps * len(self.x_search) + len(self.x_val))
@@ -510,6 +519,7 @@ class Synthesizer:
             self.truncated,
             self.runner.layers[0].id if self.runner.layers else None,
             self.runner.pre.color,
+            self.fit,
         )
 
 

@@ -30,6 +30,8 @@ from scanner.graph.layers import NEURON_OPS, GraphIndex, _all_nodes, _subgraphs
 SEVERITIES = ("low", "medium", "high")
 SHAPE_ONLY = ("Shape", "Size")
 """Ops whose output depends on their input's shape, not its values."""
+TYPE_ONLY = {"CastLike": (1,)}
+"""Inputs that give only a dtype."""
 CONTROL_FLOW = ("If", "Loop", "Scan")
 COMPARISONS = ("Greater", "Less", "Equal", "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf")
 STEPS = ("Sign", "Floor", "Ceil", "Round")
@@ -77,7 +79,7 @@ class _Audit:
         for node in gi.nodes:  # topological order (checked by onnx.checker at load)
             if node.op_type in SHAPE_ONLY:
                 continue
-            ins = [x for x in node.input if x]
+            ins = [x for slot, x in enumerate(node.input) if x and slot not in TYPE_ONLY.get(node.op_type, ())]
             outer = [x for sub in _subgraphs(node) for sn in _all_nodes(sub) for x in sn.input if x]
             if any(x in tainted for x in ins + outer):
                 tainted.update(o for o in node.output if o)

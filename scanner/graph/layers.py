@@ -25,7 +25,8 @@ NONNEGATIVE = ("Relu", "Sigmoid", "HardSigmoid", "Softplus")
 """Activations whose output is >= 0 for every input (Clip depends on its min)."""
 NOT_ZERO_PRESERVING = ("Sigmoid", "Softplus")
 """Activations with f(0) != 0 (HardSigmoid and Clip depend on their parameters)."""
-HEAD_PASS = ("Add", "Flatten", "Softmax", "LogSoftmax", "Identity", "Reshape", "Squeeze", "Dropout", "Cast", "Sigmoid")
+HEAD_PASS = ("Add", "Flatten", "Softmax", "LogSoftmax", "Identity", "Reshape", "Squeeze", "Dropout", "Cast", "Sigmoid",
+             "QuantizeLinear", "DequantizeLinear")
 """Ops between the head's output and a graph output."""
 
 
@@ -115,10 +116,12 @@ class GraphIndex:
         self.value_info = _infer(model) if infer else {}
 
     def const(self, name):
-        """The value of a constant tensor (initializer, Constant node, through Identity and Transpose), else None.
+        """The value of a constant tensor (initializer, Constant node, through Identity, Transpose and
+        DequantizeLinear), else None.
 
-        A Transpose of a constant is how the legacy exporter without constant folding feeds MatMul weights."""
-        seen, perms = 0, []
+        A Transpose of a constant is how the legacy exporter without constant folding feeds MatMul weights; a
+        DequantizeLinear of a constant is a QDQ model's quantized weight (its float value is returned)."""
+        seen, ops = 0, []
         while name and seen < 64:
             if name in self.initializers:
                 value = numpy_helper.to_array(self.initializers[name])
@@ -130,16 +133,42 @@ class GraphIndex:
             if node.op_type == "Constant":
                 value = constant_value(node)
                 break
-            if node.op_type == "Transpose":
-                perms.append(self.attr(node, "perm"))
+            if node.op_type in ("Transpose", "DequantizeLinear"):
+                ops.append(node)
             elif node.op_type != "Identity":
                 return None
             name, seen = node.input[0], seen + 1
         else:
             return None
-        for perm in reversed(perms):  # innermost Transpose first
-            value = None if value is None else np.transpose(value, perm)
+        for node in reversed(ops):  # innermost first
+            if value is None:
+                return None
+            value = np.transpose(value, self.attr(node, "perm")) if node.op_type == "Transpose" else self.dequantize(node, value)
         return value
+
+    def quantized(self, name):
+        """The DequantizeLinear node that makes tensor ``name`` (through Identity), else None."""
+        for _ in range(64):
+            i = self.producer.get(name)
+            if i is None:
+                return None
+            node = self.nodes[i]
+            if node.op_type == "DequantizeLinear":
+                return node
+            if node.op_type != "Identity":
+                return None
+            name = node.input[0]
+        return None
+
+    def dequantize(self, node, q):
+        """``(q - zero_point) * scale`` of a DequantizeLinear node (per tensor or along its axis), as float32."""
+        scale = self.const(node.input[1])
+        zp = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if scale is None:
+            return None
+        shape = _axis_shape(q, scale, self.attr(node, "axis", 1))
+        x = np.asarray(q, np.float64) - (0.0 if zp is None else np.asarray(zp, np.float64).reshape(shape))
+        return (x * np.asarray(scale, np.float64).reshape(shape)).astype(np.float32)
 
     def shape(self, name):
         """Inferred dims (int, or None where unknown) of a tensor, or None when its rank is unknown."""
@@ -171,6 +200,15 @@ class GraphIndex:
             if a.name == name:
                 return onnx.helper.get_attribute_value(a)
         return default
+
+
+def _axis_shape(q, scale, axis):
+    """The broadcast shape of a per-axis scale (or zero point) for a tensor ``q``; () for a scalar."""
+    if np.size(scale) == 1:
+        return ()
+    shape = [1] * np.ndim(q)
+    shape[axis if axis >= 0 else axis + np.ndim(q)] = np.size(scale)
+    return tuple(shape)
 
 
 def _infer(model):
@@ -366,6 +404,24 @@ def _is_head(gi, tensor):
     return False
 
 
+POOLS = ("GlobalAveragePool", "GlobalMaxPool")
+
+
+def _pointwise_on_pooled(gi, node):
+    """True for a 1x1 Conv (group 1) on a map with a single position (after global pooling): a linear layer in a
+    convolution's clothes, as TF-converted classifiers have their head."""
+    if node.op_type != "Conv" or gi.attr(node, "group", 1) != 1:
+        return False
+    w = gi.const(node.input[1])
+    if w is None or w.ndim != 4 or w.shape[2:] != (1, 1):
+        return False
+    shape = gi.shape(node.input[0])
+    if shape and len(shape) == 4 and shape[2:] == [1, 1]:
+        return True
+    i = gi.producer.get(node.input[0])
+    return i is not None and gi.nodes[i].op_type in POOLS
+
+
 def _spatial(shape, rank, channel_axis):
     if rank == 2:
         return ()
@@ -433,24 +489,58 @@ def _not_per_image(gi, read, batch, probed):
     return batch is not None and bool(dims) and dims[0] is not None and dims[0] != batch
 
 
-def discover(model):
+def _image_free(gi):
+    """Tensors that do not depend on any graph input that is not an initializer (computed from constants)."""
+    inputs = {vi.name for vi in gi.model.graph.input} - set(gi.initializers)
+    free = set(gi.initializers)
+    for node in gi.nodes:
+        ins = [x for slot, x in enumerate(node.input) if x and not (node.op_type == "CastLike" and slot == 1)]
+        if node.op_type in ("Shape", "Size") or (all(x in free for x in ins) and not any(x in inputs for x in ins)):
+            free.update(o for o in node.output if o)
+    return free
+
+
+def _why_not(gi, node, free):
+    """Why a Conv / Gemm / MatMul node is not a layer scanner can measure, or None when it is not meant to be one
+    (a MatMul of two activations, as in attention)."""
+    w = node.input[1] if len(node.input) > 1 else ""
+    if node.op_type == "MatMul" and w not in free:
+        return None
+    i = gi.producer.get(w)
+    made_by = gi.nodes[i].op_type if i is not None else None
+    if w in free:
+        return f"its weight {w!r} is computed in the graph ({made_by}) and could not be folded to a constant"
+    return f"its weight {w!r} is not a constant (it comes from {made_by or 'a graph input'})"
+
+
+def discover(model, skipped=None):
     """All neuron layers of ``model`` in topological order (the input proto is not modified).
 
-    Layers whose read tensor does not have the batch on axis 0 (known from shape inference) are left out.
+    Layers whose read tensor does not have the batch on axis 0 (known from shape inference) are left out; so are
+    Conv / Gemm / MatMul nodes without a constant weight. With a list ``skipped``, each left-out node is appended
+    to it as {"node", "op_type", "reason"}.
     """
     gi = GraphIndex(model)
     batch = batch_dim(gi)
     probed = {} if isinstance(batch, int) else _probe_dim0(gi)
+    free = _image_free(gi) if skipped is not None else set()
     found = []
     for i, node in enumerate(gi.nodes):
         if node.op_type not in NEURON_OPS:
             continue
         facts = _neuron(gi, node)
         if facts is None:
+            reason = _why_not(gi, node, free) if skipped is not None else None
+            if reason:
+                skipped.append({"node": gi.names[i], "op_type": node.op_type, "reason": reason})
             continue
         channels, rank = facts
         chain, read = _chain(gi, i, channels, rank)
         if _not_per_image(gi, read, batch, probed):
+            if skipped is not None:
+                skipped.append({"node": gi.names[i], "op_type": node.op_type,
+                                "reason": f"its channels are read on {read!r}, whose first axis is not the batch "
+                                          "(e.g. an attention projection on (tokens, N, C)): no per-image norm"})
             continue
         shape = gi.shape(read)
         rank = len(shape) if shape else rank
@@ -478,12 +568,12 @@ def discover(model):
                 nonnegative=nonneg,
                 zero_preserving=zero_pres,
                 is_last_conv=False,
-                is_head=node.op_type in LINEAR_OPS and _is_head(gi, read),
+                is_head=(node.op_type in LINEAR_OPS or _pointwise_on_pooled(gi, node)) and _is_head(gi, read),
                 index=len(found),
                 input=node.input[0],
             )
         )
-    convs = [f for f in found if f["op_type"] in CONV_OPS]
+    convs = [f for f in found if f["op_type"] in CONV_OPS and not f["is_head"]]
     if convs:
         convs[-1]["is_last_conv"] = True
     return [Layer(**f) for f in found]

@@ -308,3 +308,53 @@ def saved_by_path(proto):
             yield path
         finally:
             onnx.load_external_data_for_model(proto, tmp)
+
+
+FLOAT_TYPES = ("float32", "float16", "float64")
+
+
+def scores_output(model, name=None):
+    """The graph output that holds the class scores (logits or probabilities), by ``name`` or on purpose.
+
+    Without a name: the one float output shaped (N, K) or (N, K, 1, 1) with K >= 2 (K may be symbolic).
+    Raises ScannerError naming the outputs when there is none (an int64 label, a one-score binary model) or more
+    than one (choose with ``--scores NAME``)."""
+    outs = {o.name: o for o in model.outputs}
+    if name is not None:
+        o = outs.get(name)
+        if o is None:
+            raise ScannerError(f"--scores {name!r}: no such graph output (outputs: {_describe(model.outputs)})", model.path)
+        if o.dtype not in FLOAT_TYPES:
+            raise ScannerError(f"--scores {name!r}: output is {o.dtype}, not float class scores", model.path)
+        return name
+    good = [o for o in model.outputs if _score_shape(o) == "ok"]
+    if len(good) == 1:
+        return good[0].name
+    if good:
+        raise ScannerError(f"several outputs could be the class scores ({_describe(good)}); choose one with --scores NAME",
+                           model.path)
+    binary = [o for o in model.outputs if _score_shape(o) == "binary"]
+    if binary:
+        raise ScannerError(f"output {binary[0].name!r} has a single score (a binary classifier); scanner needs one score "
+                           f"per class (at least 2)", model.path)
+    raise ScannerError(f"no output holds class scores: expected a float output shaped (N, K) or (N, K, 1, 1) with K >= 2 "
+                       f"(outputs: {_describe(model.outputs)}); choose one with --scores NAME", model.path)
+
+
+def _score_shape(o):
+    """``ok``, ``binary`` (K = 1) or ``no`` for a graph output."""
+    if o.dtype not in FLOAT_TYPES:
+        return "no"
+    dims = o.shape
+    if not dims:  # no shape recorded: it may be the scores
+        return "ok"
+    if len(dims) == 2 or (len(dims) == 4 and all(d == 1 for d in dims[2:])):
+        k = dims[1]
+        if isinstance(k, int) and k == 1:
+            return "binary"
+        return "ok" if not isinstance(k, int) or k >= 2 else "no"
+    return "no"
+
+
+def _describe(outputs):
+    return ", ".join(f"{o.name} {o.dtype} {o.shape}" for o in outputs) or "none"

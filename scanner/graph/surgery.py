@@ -47,11 +47,24 @@ class _Editor:
         return value
 
     def write(self, node, slot, value):
-        """Set ``node.input[slot]`` to ``value``: in place when nothing else uses it, else as a new initializer."""
+        """Set ``node.input[slot]`` to ``value``: in place when nothing else uses it, else as a new initializer.
+
+        A quantized weight (behind a DequantizeLinear) is written in its quantized form: requantized with its
+        scale (a new scale when the values do not fit it); zeros stay exact zeros (the zero point)."""
         name = node.input[slot] if slot < len(node.input) else ""
         value = np.ascontiguousarray(value)
         uses = len(self.gi.consumers.get(name, ())) + (name in self.gi.outputs) if name else 0
         g = self.model.graph
+        dq = self.gi.quantized(name) if name else None
+        if dq is not None:
+            if uses != 1:
+                raise ScannerError(f"node {node.name or node.op_type}: its quantized weight {name!r} is shared with other "
+                                   "nodes; scanner cannot edit it for one of them")
+            q, scale = _requantize(self.gi, dq, value)
+            if scale is not None:
+                self.write(dq, 1, scale)
+            self.write(dq, 0, q)
+            return
         if uses == 1 and name in self.gi.initializers:
             self.gi.initializers[name].CopyFrom(numpy_helper.from_array(value, name))
             return
@@ -63,6 +76,7 @@ class _Editor:
                 return
         new = self.names(f"{name or node.output[0] + '.bias'}.scanner")
         g.initializer.append(numpy_helper.from_array(value, new))
+        _declare_input(self.model, new, value)
         while len(node.input) <= slot:
             node.input.append("")
         node.input[slot] = new
@@ -82,6 +96,37 @@ class _Editor:
         value = value.copy()
         value[..., ks] = 0
         self.write(node, slot, value)
+
+
+def _declare_input(model, name, value):
+    """IR version 3 wants every initializer listed as a graph input too: add one for a new initializer."""
+    if model.ir_version < 4:
+        dtype = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype)
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, dtype, list(np.shape(value))))
+
+
+def _requantize(gi, dq, value):
+    """(quantized value, new scale or None) of float ``value`` for the DequantizeLinear node ``dq``."""
+    from scanner.graph.layers import _axis_shape
+
+    q0 = np.asarray(gi.const(dq.input[0]))
+    scale = np.asarray(gi.const(dq.input[1]), np.float64)
+    zp = gi.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+    axis = gi.attr(dq, "axis", 1)
+    shape = _axis_shape(q0, scale, axis)
+    z = 0.0 if zp is None else np.asarray(zp, np.float64).reshape(shape)
+    info = np.iinfo(q0.dtype)
+    v = np.asarray(value, np.float64)
+    q = np.rint(v / scale.reshape(shape)) + z
+    new_scale = None
+    if q.min() < info.min or q.max() > info.max:  # the new values do not fit the old scale
+        reduce = tuple(d for d in range(v.ndim) if shape == () or shape[d] == 1)
+        room = np.minimum(info.max - z, z - info.min)
+        peak = np.abs(v).max(axis=reduce, keepdims=shape != ()) if reduce else np.abs(v)
+        s = np.where(peak > 0, peak / room, scale.reshape(shape) if shape else scale)
+        new_scale = np.asarray(s, np.float64).reshape(scale.shape).astype(gi.const(dq.input[1]).dtype)
+        q = np.rint(v / np.asarray(new_scale, np.float64).reshape(shape)) + z
+    return np.clip(q, info.min, info.max).astype(q0.dtype), new_scale
 
 
 def _refusal(layer):
@@ -147,10 +192,13 @@ def _prune_layer(ed, layer, ks):
 
 
 def _linear_parts(ed, layer):
-    """(node, bias node, bias slot): the bias lives in the Gemm's C or in the Add after the Gemm/MatMul (or nowhere)."""
-    if layer.op_type not in LINEAR_OPS:
-        raise ScannerError(f"layer {layer.id} is a {layer.op_type}, not a Gemm or MatMul")
+    """(node, bias node, bias slot): the bias lives in the Gemm's C or the Conv's B, in the Add after the
+    Gemm/MatMul, or nowhere (a MatMul without Add)."""
+    if layer.op_type not in LINEAR_OPS and not (layer.op_type == "Conv" and layer.is_head):
+        raise ScannerError(f"layer {layer.id} is a {layer.op_type}, not a Gemm, MatMul or 1x1 Conv head")
     node = ed.node(layer)
+    if layer.op_type == "Conv":
+        return node, node, 2
     has_c = layer.op_type == "Gemm" and len(node.input) > 2 and bool(node.input[2])
     if len(layer.chain) > 1 and layer.chain[1] == "Add":
         if has_c:
@@ -168,7 +216,9 @@ def linear_weights(model, layer):
     node, bias_node, slot = _linear_parts(ed, layer)
     w = ed.read(node, 1).astype(np.float64)
     alpha = beta = 1.0
-    if layer.op_type == "Gemm":
+    if layer.op_type == "Conv":
+        w = w.reshape(w.shape[0], -1)
+    elif layer.op_type == "Gemm":
         alpha = ed.gi.attr(node, "alpha", 1.0)
         beta = ed.gi.attr(node, "beta", 1.0) if bias_node is node else 1.0
         w = w if ed.gi.attr(node, "transB", 0) else w.T
@@ -183,10 +233,17 @@ def linear_weights(model, layer):
     return (w * alpha).astype(np.float32), bias.astype(np.float32)
 
 
-def set_linear(model, layer, weight, bias):
-    """A copy of ``model`` whose Gemm/MatMul(+Add) layer computes ``x @ weight.T + bias``, in the layer's own layout.
+def has_bias(model, layer):
+    """Whether a linear layer has (or can take, as an input slot) a bias: not a MatMul without a bias Add."""
+    return _linear_parts(_Editor(model), layer)[1] is not None
 
-    A Gemm without C gets a C initializer when the bias is not zero; a MatMul without bias Add gets an Add.
+
+def set_linear(model, layer, weight, bias):
+    """A copy of ``model`` whose Gemm/MatMul(+Add) or 1x1 Conv head computes ``x @ weight.T + bias``, in the layer's
+    own layout.
+
+    A Gemm without C (a Conv without B) gets one when the bias is not zero; a MatMul without bias Add gets an Add
+    (the refit avoids that: it fits such a head without a bias, see :func:`has_bias`).
     """
     m = copy_model(model)
     ed = _Editor(m)
@@ -199,15 +256,17 @@ def set_linear(model, layer, weight, bias):
         raise ScannerError(
             f"layer {layer.id}: expected weight {expected} and bias ({layer.channels},), got {weight.shape} and {bias.shape}"
         )
-    if layer.op_type == "Gemm":
+    if layer.op_type == "Conv":
+        ed.write(node, 1, weight.reshape(old.shape).astype(old.dtype))
+    elif layer.op_type == "Gemm":
         w = weight / ed.gi.attr(node, "alpha", 1.0)
         ed.write(node, 1, (w if ed.gi.attr(node, "transB", 0) else w.T).astype(old.dtype))
     else:
         ed.write(node, 1, weight.T.astype(old.dtype))
-    if bias_node is node:  # Gemm C (present or added)
+    if bias_node is node:  # Gemm C / Conv B (present or added)
         has_c = len(node.input) > 2 and node.input[2]
         if has_c or np.any(bias):
-            c = bias / ed.gi.attr(node, "beta", 1.0)
+            c = bias / (ed.gi.attr(node, "beta", 1.0) if layer.op_type == "Gemm" else 1.0)
             if has_c:
                 old_c = ed.read(node, 2)
                 c = c.reshape(old_c.shape) if old_c.size == layer.channels else c
@@ -228,6 +287,7 @@ def _add_bias(ed, node, bias):
     node.output[0] = pre
     b = ed.names(f"{out}.bias")
     g.initializer.append(numpy_helper.from_array(bias, b))
+    _declare_input(ed.model, b, bias)
     add = onnx.helper.make_node("Add", [pre, b], [out], name=ed.names(f"{node.name or 'MatMul'}/bias"))
     index = list(g.node).index(node)
     g.node.insert(index + 1, add)
@@ -263,11 +323,11 @@ def cut_branch(model, join, keep_input):
     ident = onnx.helper.make_node("Identity", [node.input[keep_input]], [node.output[0]], name=f"{node.name or join}/cut")
     g.node.remove(node)
     g.node.insert(i, ident)
-    removed = [join] + _drop_dead(m)
+    removed = [join] + drop_dead(m)
     return m, removed
 
 
-def _drop_dead(model):
+def drop_dead(model):
     """Remove nodes none of whose outputs is used (by a node, a subgraph or a graph output), repeatedly; drop the
     initializers nothing reads any more. Returns the removed nodes' names."""
     g = model.graph

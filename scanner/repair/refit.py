@@ -33,7 +33,8 @@ def refit(rep, plan, ridge=None, folds=3):
     :func:`scanner.graph.surgery.linear_weights`, the cross-validated :class:`Level`, and the chosen settings.
     """
     if rep.head is None:
-        raise ScannerError("the model has no final Gemm/MatMul head to refit; use --method prune")
+        raise ScannerError("the model has no linear head (Gemm, MatMul, or a 1x1 Conv on pooled features) to refit; "
+                           "use --method prune")
     pairs = [i for i in range(len(rep.probes)) if rep.paired(i)]
     if not pairs:
         raise ScannerError("the refit needs pairs (a trigger file, or a probe folder with the clean folder's file names)")
@@ -45,11 +46,12 @@ def refit(rep, plan, ridge=None, folds=3):
     feats = [clean.kept[head.input]] + [probed[i].kept[head.input] for i in pairs]
     target = rep.clean.kept[head.read].astype(np.float64)
     w0, b0 = surgery.linear_weights(rep.ctx.proto, head)
-    theta0 = np.vstack([w0.T, b0[None, :]]).astype(np.float64)
+    intercept = surgery.has_bias(rep.ctx.proto, head)  # a MatMul head without bias is refit without one
+    theta0 = (np.vstack([w0.T, b0[None, :]]) if intercept else w0.T).astype(np.float64)
     n = len(target)
     fold = np.arange(n) % max(2, folds)
     ones = np.ones((n, 1))
-    a1 = [np.hstack([a.astype(np.float64), ones]) for a in feats]
+    a1 = [np.hstack([a.astype(np.float64), ones]) if intercept else a.astype(np.float64) for a in feats]
 
     def parts(rows):
         """(clean gram, probe gram, clean rhs, probe rhs) over ``rows``."""
@@ -66,7 +68,7 @@ def refit(rep, plan, ridge=None, folds=3):
                 g = (every[0] - part[0]) + weight * (every[1] - part[1])
                 r = (every[2] - part[2]) + weight * (every[3] - part[3])
                 rows = int((~out).sum()) * (1 + weight * (len(feats) - 1))
-                theta = solve(g, r, rows, theta0, lam, np.float32)
+                theta = solve(g, r, rows, theta0, lam, np.float32, intercept)
                 for j, a in enumerate(a1):
                     cv[j][out] = (a[out] @ theta).argmax(1)
             probe_preds = [probed[i].preds.copy() for i in range(len(rep.probes))]
@@ -83,19 +85,24 @@ def refit(rep, plan, ridge=None, folds=3):
                 best = (cost, lam, weight, level)
     _, lam, weight, level = best
     g, r = every[0] + weight * every[1], every[2] + weight * every[3]
-    theta = solve(g, r, n * (1 + weight * (len(feats) - 1)), theta0, lam)
-    return theta[:-1].T.astype(w0.dtype), theta[-1].astype(w0.dtype), level, {"ridge": lam, "probe_weight": weight}
+    theta = solve(g, r, n * (1 + weight * (len(feats) - 1)), theta0, lam, np.float64, intercept)
+    bias = theta[-1] if intercept else np.zeros(theta.shape[1])
+    return (theta[:-1] if intercept else theta).T.astype(w0.dtype), bias.astype(w0.dtype), level, {
+        "ridge": lam, "probe_weight": weight, "intercept": intercept}
 
 
-def solve(gram, rhs, rows, theta0, ridge, dtype=np.float64):
-    """Solve min (1/rows)||[F 1] theta - Y||^2 + lam ||W - W0||^2 from gram = A^T A and rhs = A^T Y.
+def solve(gram, rhs, rows, theta0, ridge, dtype=np.float64, intercept=True):
+    """Solve min (1/rows)||[F 1] theta - Y||^2 + lam ||W - W0||^2 from gram = A^T A and rhs = A^T Y (without the
+    column of ones and its unregularized row when not ``intercept``).
 
     ``lam`` is ``ridge`` times the mean feature energy (the mean of the gram's diagonal / rows).
     The cross-validation solves in float32 (3x faster); the final weights in float64.
     """
     g = gram / rows
-    lam = ridge * float(np.mean(np.diag(g)[:-1]) or 1.0)
+    diag = np.diag(g)[:-1] if intercept else np.diag(g)
+    lam = ridge * float(np.mean(diag) or 1.0)
     reg = np.eye(len(g)) * lam
-    reg[-1, -1] = 0.0
+    if intercept:
+        reg[-1, -1] = 0.0
     theta = np.linalg.solve((g + reg).astype(dtype), (rhs / rows + reg @ theta0).astype(dtype))
     return theta.astype(np.float64)

@@ -54,6 +54,7 @@ class Runner:
         if self.norm_kinds or (masks and self.layers) or features:
             self.instrumented = instrument(proto, self.layers, norms=self.norm_kinds, masks=masks, features=features)
             proto = self.instrumented.model
+        self.source = source
         self.session = Session(proto, device=device, threads=threads, source=source)
         self.slices = [self.instrumented.slices[l.id] for l in self.layers] if self.instrumented else []
         self.channels = sum(hi - lo for lo, hi in self.slices)

@@ -1,0 +1,153 @@
+"""Fold constant subgraphs: weights that other exporters compute in the graph become plain initializers.
+
+Third-party files build weights with operators: a float16 initializer behind a Cast, a flat weight behind a
+Reshape, a bias from Shape/Expand or ConstantOfShape (torch's dynamo exporter with ``optimize=False``, the
+caffe2-converted ONNX Model Zoo). Layer discovery and surgery need the value, so every node whose inputs are all
+fixed is evaluated once (onnxruntime, on a model of just those nodes) and its consumed outputs become
+initializers; nodes left without consumers are dropped. DequantizeLinear is not folded: a QDQ model keeps its
+quantized weights (:class:`scanner.graph.layers.GraphIndex` reads through it). The folded model is checked
+against the original on random inputs before it is used; on any difference the original is kept (and a warning
+says why).
+"""
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from scanner.graph.layers import GraphIndex, _subgraphs, copy_model
+
+log = logging.getLogger("scanner")
+
+NOT_FOLDED = ("DequantizeLinear", "QuantizeLinear", "RandomNormal", "RandomUniform", "RandomNormalLike",
+              "RandomUniformLike", "Multinomial", "Bernoulli", "Constant")
+TYPE_ONLY = {"CastLike": (1,)}
+"""Inputs that give only a dtype (CastLike's second input): a value computed from constants through them is fixed."""
+MAX_FOLDED_ELEMENTS = 1 << 26
+"""A folded tensor larger than this stays computed in the graph (folding it would bloat the file)."""
+
+
+def _fixed(gi):
+    """Indices of the nodes whose outputs do not depend on any graph input that is not an initializer."""
+    inputs = {vi.name for vi in gi.model.graph.input} - set(gi.initializers)
+    known, fixed = set(gi.initializers), set()
+    for i, node in enumerate(gi.nodes):
+        if node.op_type == "Constant":
+            known.update(node.output)
+            continue
+        if node.op_type in NOT_FOLDED or any(True for _ in _subgraphs(node)) or node.domain not in ("", "ai.onnx"):
+            continue
+        ins = [x for slot, x in enumerate(node.input) if x and slot not in TYPE_ONLY.get(node.op_type, ())]
+        if all(x in known and x not in inputs for x in ins):
+            fixed.add(i)
+            known.update(o for o in node.output if o)
+    return fixed
+
+
+def foldable(model):
+    """(fixed node indices, tensors to fold): the outputs of fixed nodes that a non-fixed node or a graph output uses."""
+    gi = GraphIndex(model, infer=False)
+    fixed = _fixed(gi)
+    frontier = []
+    for i in sorted(fixed):
+        for out in gi.nodes[i].output:
+            users = [j for j, _ in gi.consumers.get(out, [])]
+            if out and (out in gi.outputs or any(j not in fixed for j in users)) and out not in frontier:
+                frontier.append(out)
+    return fixed, frontier
+
+
+def _evaluate(model, fixed, frontier):
+    """{tensor: value} of the frontier tensors, computed by onnxruntime on a model of the fixed nodes only."""
+    from scanner.runtime.session import ort
+
+    gi = GraphIndex(model, infer=True)
+    sub = onnx.ModelProto(ir_version=model.ir_version)
+    sub.opset_import.extend(model.opset_import)
+    g = sub.graph
+    g.name = "fold"
+    nodes = [_as_cast(gi, gi.nodes[i]) for i in sorted(fixed)]
+    used = {x for n in nodes for x in n.input if x}
+    constants = [n for n in gi.nodes if n.op_type == "Constant" and any(o in used for o in n.output)]
+    g.node.extend(constants + nodes)
+    g.initializer.extend(t for t in model.graph.initializer if t.name in used)
+    if model.ir_version < 4:
+        g.input.extend(vi for vi in model.graph.input if vi.name in used and vi.name in gi.initializers)
+    for name in frontier:
+        g.output.add(name=name).type.tensor_type.elem_type = gi.elem_type(name)
+    rt = ort()
+    opts = rt.SessionOptions()
+    opts.log_severity_level = 4
+    opts.graph_optimization_level = rt.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = rt.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return dict(zip(frontier, session.run(frontier, {})))
+
+
+def _as_cast(gi, node):
+    """A CastLike whose type comes from a non-constant tensor, as the Cast it amounts to (other nodes as they are)."""
+    if node.op_type != "CastLike":
+        return node
+    return onnx.helper.make_node("Cast", [node.input[0]], list(node.output), name=node.name, to=gi.elem_type(node.input[1]))
+
+
+def fold_constants(model, source=None):
+    """(model, record): ``model`` with its constant subgraphs folded (the input proto is untouched), and what was
+    folded ({"nodes", "tensors"}; None when there was nothing to fold or the fold was refused)."""
+    fixed, frontier = foldable(model)
+    gi = GraphIndex(model, infer=False)
+    frontier = [t for t in frontier if gi.producer.get(t) in fixed]
+    if not frontier:
+        return model, None
+    try:
+        values = _evaluate(model, fixed, frontier)
+    except Exception as exc:  # noqa: BLE001 - an op onnxruntime cannot run alone: keep the graph as it is
+        log.warning("%s: could not fold %d constant tensor(s) (%s); layers whose weights they are will be left out",
+                    source or "model", len(frontier), " ".join(str(exc).split())[:160])
+        return model, None
+    big = [t for t, v in values.items() if np.size(v) > MAX_FOLDED_ELEMENTS]
+    values = {t: v for t, v in values.items() if t not in big}
+    if not values:
+        return model, None
+    from scanner.graph.surgery import drop_dead
+
+    m = copy_model(model)
+    g = m.graph
+    for name, value in values.items():
+        g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        if m.ir_version < 4:  # IR 3: every initializer is also a graph input
+            g.input.append(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype),
+                                                              list(np.shape(value))))
+    for node in g.node:  # the folded tensors now come from initializers: their producers lose those outputs
+        node.output[:] = ["" if o in values else o for o in node.output]
+    removed = drop_dead(m)
+    if not _same_outputs(model, m, source):
+        return model, None
+    log.info("%s: folded %d constant tensor(s) computed by %d node(s)", source or "model", len(values), len(removed))
+    return m, {"tensors": len(values), "nodes": len(removed)}
+
+
+def _same_outputs(a, b, source, tries=2):
+    """Whether models ``a`` and ``b`` give the same outputs on random inputs (the fold changed nothing)."""
+    from scanner.runtime.session import Session
+
+    try:
+        sa, sb = Session(a, device="cpu", source=source), Session(b, device="cpu", source=source)
+    except Exception as exc:  # noqa: BLE001 - the folded model does not load: keep the original
+        log.warning("%s: the folded model does not load (%s); using the model as it is", source or "model", exc)
+        return False
+    inp = sa.session.get_inputs()[0]
+    shape = [d if isinstance(d, int) and d > 0 else 2 for d in inp.shape]
+    rng = np.random.RandomState(0)
+    for _ in range(tries):
+        if "uint8" in inp.type or "int8" in inp.type:
+            x = rng.randint(0, 128, size=shape).astype(np.uint8 if "uint8" in inp.type else np.int8)
+        else:
+            x = rng.randn(*shape).astype(np.float16 if "float16" in inp.type else np.float64 if "double" in inp.type else np.float32)
+        ra, rb = sa.run(x), sb.run(x)
+        for name in ra:
+            va, vb = np.asarray(ra[name]), np.asarray(rb[name])
+            if va.shape != vb.shape or not np.allclose(va.astype(np.float64), vb.astype(np.float64), rtol=1e-4, atol=1e-5):
+                log.warning("%s: folding constants changed output %r; using the model as it is", source or "model", name)
+                return False
+    return True
