@@ -274,15 +274,17 @@ def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, tar
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.98, show_default=True,
               help="The repaired model must agree with the original on this fraction of held-out clean images to count "
                    "as sanitized (with --probe --method prune and labeled data: --max-accuracy-drop instead).")
-@click.option("--budget", type=click.FloatRange(1), default=55.0, show_default=True,
-              help="Seconds for the whole job without --probe (trigger synthesis gets 60%).")
+@click.option("--queries", type=click.IntRange(100), default=None,
+              help="Without --probe: forward passes of the trigger search [default: from the model's cost per image].")
+@click.option("--budget", type=click.FloatRange(0), default=600.0, show_default=True,
+              help="Without --probe: seconds, a safety cap on each trigger search (0: none); a search cut short says so.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the trigger search.")
 @click.option("--triggers-dir", type=click.Path(file_okay=False), help="Save the synthesized triggers (JSON + PNG) here.")
 @prune_options
 @data_options
 @model_output_options
 @command
-def sanitize_cmd(model, data, probes, model_out, method, max_drop, min_agreement, budget, seed, triggers_dir, layers, target,
+def sanitize_cmd(model, data, probes, model_out, method, max_drop, min_agreement, queries, budget, seed, triggers_dir, layers, target,
                  preprocess, scores, device, batch_size, threads, limit, min_images, fmt, report_out, force, always):
     """Find and remove a backdoor; write a verified, sanitized model (exit 1 when one was found and removed).
 
@@ -309,7 +311,8 @@ def sanitize_cmd(model, data, probes, model_out, method, max_drop, min_agreement
     ctx = ModelContext.open(model, preprocess, device, threads, batch_size, scores)
     if not probes:
         report, proto, found = sanitize_blind(ctx, data, model_out, force, always, device, threads, batch_size, limit,
-                                              preprocess, Config(seed=seed), triggers_dir=triggers_dir, budget=budget,
+                                              preprocess, Config(seed=seed, queries=queries, budget=budget or None),
+                                              triggers_dir=triggers_dir,
                                               min_images=min_images, min_agreement=min_agreement)
         status(verdict_table(report))
         if "repair" in report:
@@ -361,7 +364,7 @@ def evaluate_cmd(model, data, trigger, target, compare, preprocess, scores, devi
 GATE_HELP = """\b
 Default policy (scanner/policy.py; a --policy file and the flags override single values):
   fail_on = "backdoored"   warn_on = "suspicious"   min_images = 100
-  unanalysable = "fail"    partial = "warn"         (max_anomaly, max_fingerprint_z, max_clp_outliers: off)
+  unanalysable = "fail"    partial = "fail"         (max_anomaly, max_fingerprint_z, max_clp_outliers: off)
 
 \b
 Exit codes (several models: the worst, in the order 2, 1, 3, 0):
@@ -381,14 +384,17 @@ Exit codes (several models: the worst, in the order 2, 1, 3, 0):
 @click.option("--max-anomaly", type=float, default=None, help="Fail when a working trigger's size anomaly index exceeds this.")
 @click.option("--max-fingerprint-z", type=float, default=None, help="Fail when a working trigger's l-inf fingerprint z exceeds this.")
 @click.option("--allow-unanalysable", is_flag=True, default=None, help="A model without a supported layer passes (with a warning).")
+@click.option("--queries", type=click.IntRange(100), default=None,
+              help="Forward passes of the trigger search per model [default: from the model's cost per image].")
 @click.option("--budget", type=click.FloatRange(0), default=None,
-              help="Seconds of trigger search per model (0: no time limit, reproducible) [default: the synthesis default].")
+              help="Seconds, a safety cap on the trigger search per model (0: none) [default 600]; a search cut short "
+                   "fails the model (policy partial = fail).")
 @click.option("--seed", type=click.IntRange(0), default=None, help="Seed of the trigger search [default 0].")
 @data_options(min_images_default=None, min_images_help="Fewer usable clean images fail the model [policy default: 100].")
 @output_options(("table", "json", "sarif"))
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), help="Also write a self-contained HTML audit to FILE.")
 @command
-def gate_cmd(models, data, policy_file, fail_on, max_anomaly, max_fingerprint_z, allow_unanalysable, budget, seed,
+def gate_cmd(models, data, policy_file, fail_on, max_anomaly, max_fingerprint_z, allow_unanalysable, queries, budget, seed,
              preprocess, scores, device, batch_size, threads, limit, min_images, fmt, output, force, html_out):
     """Deployment gate: detect backdoors (no repair) in one or more models and judge them by a policy.
 
@@ -410,7 +416,7 @@ def gate_cmd(models, data, policy_file, fail_on, max_anomaly, max_fingerprint_z,
             check_output(path, force, list(models))
     overrides = {"fail_on": fail_on, "min_images": min_images, "max_anomaly": max_anomaly,
                  "max_fingerprint_z": max_fingerprint_z, "unanalysable": "pass" if allow_unanalysable else None,
-                 "budget": budget, "seed": seed, "limit": limit}
+                 "budget": budget, "queries": queries, "seed": seed, "limit": limit}
     policy = load_policy(policy_file, overrides)
     report, artefacts = run_gate(models, data, policy, preprocess, device, threads, keep=bool(html_out), batch_size=batch_size,
                                  scores=scores)

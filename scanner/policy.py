@@ -6,16 +6,17 @@ The policy (:data:`DEFAULT_POLICY`, a TOML or YAML file, single values overridde
     warn_on = "suspicious"      # verdicts at or above this level (and below fail_on) pass with a warning
     min_images = 100            # fewer usable clean images: the model fails (the verdict would not be trusted)
     unanalysable = "fail"       # a model with no supported layer: fail (exit 3) | pass (skipped, with a warning)
-    partial = "warn"            # the trigger search hit its time budget: pass | warn | fail
+    partial = "fail"            # the trigger search hit its time cap (cut short): pass | warn | fail
     # max_anomaly = 6.0         # optional: fail when a class's working trigger has a size anomaly index above this
     # max_fingerprint_z = 15.0  # optional: fail when a working trigger drives a channel's l-inf above this z
     # max_clp_outliers = 20     # optional: fail when more conv channels than this are CLP (Lipschitz) outliers
 
     [analysis]
-    budget = 40.0               # seconds for the trigger search per model (0: no time limit, fully reproducible)
+    # queries = 20000           # forward passes of the trigger search per model (default: from the model's cost)
+    budget = 600.0              # seconds: a safety cap on the search per model (0: none); a search cut short fails
     seed = 0
-    # steps = 60                # random-search steps per class and family (fewer: faster, less sensitive)
-    # families = ["patch", "blend"]  # trigger families to search
+    # steps = 50                # random-search steps per class and family, at most
+    # families = ["patch", "blend", "signal", "warp", "filter"]  # trigger families to search
     # limit = 1000              # use at most N clean images
 """
 
@@ -39,7 +40,9 @@ class Analysis:
     """How the detection runs (the ``[analysis]`` table of a policy file)."""
 
     budget: float = None
-    """Seconds of trigger search per model (None: the synthesis default; 0: no time limit)."""
+    """Seconds: a safety cap on the trigger search per model (None: the synthesis default; 0: none)."""
+    queries: int = None
+    """Forward passes of the trigger search per model (None: the default from the model's cost per image)."""
     seed: int = 0
     steps: int = None
     families: list = None
@@ -55,7 +58,7 @@ class Policy:
     warn_on: str = "suspicious"
     min_images: int = 100
     unanalysable: str = "fail"
-    partial: str = "warn"
+    partial: str = "fail"
     max_anomaly: float = None
     max_fingerprint_z: float = None
     max_clp_outliers: int = None
@@ -110,11 +113,12 @@ class Policy:
         if self.analysis.budget is not None:
             self.analysis.budget = float(self.analysis.budget)
         _number(self.analysis, "seed", source, integer=True, low=0, what="[analysis] seed")
+        _number(self.analysis, "queries", source, integer=True, low=100, what="[analysis] queries")
         _number(self.analysis, "steps", source, integer=True, low=1, what="[analysis] steps")
         _number(self.analysis, "limit", source, integer=True, low=1, what="[analysis] limit")
         fams = self.analysis.families
         if fams is not None:
-            from scanner.detect.synthesis import FAMILIES
+            from scanner.detect.families import FAMILIES
 
             if isinstance(fams, str):
                 fams = [f.strip() for f in fams.split(",") if f.strip()]
@@ -143,7 +147,7 @@ def load_policy(path=None, overrides=None):
     if path is not None:
         policy = policy.updated(read_policy_file(path), path)
     if overrides:
-        analysis = {k: overrides.pop(k) for k in ("budget", "seed", "steps", "families", "limit") if k in overrides}
+        analysis = {k: overrides.pop(k) for k in ("budget", "queries", "seed", "steps", "families", "limit") if k in overrides}
         values = {k: v for k, v in overrides.items() if v is not None}
         analysis = {k: v for k, v in analysis.items() if v is not None}
         if analysis:
@@ -218,7 +222,8 @@ def judge(entry, policy):
         if policy.max_clp_outliers is not None and clp is not None and clp["outliers"] > policy.max_clp_outliers:
             reasons.append(f"{clp['outliers']} CLP outlier channel(s) > max_clp_outliers {policy.max_clp_outliers}")
         if syn.get("truncated"):
-            msg = "the trigger search reached its time budget: the verdict may miss a backdoor (raise [analysis] budget)"
+            msg = ("the trigger search was cut short by its time cap: the verdict may miss a backdoor (raise [analysis] "
+                   "budget, or lower [analysis] queries)")
             if policy.partial == "fail":
                 reasons.append(msg)
             elif policy.partial == "warn":

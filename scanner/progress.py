@@ -11,6 +11,8 @@ class Progress:
 
     def __init__(self, total, label, enabled=None):
         self.total, self.label, self.done = total, label, 0
+        self.note = ""
+        """Shown after the counts (e.g. what is left of a stage)."""
         if enabled is None:
             enabled = Progress.enabled_default if Progress.enabled_default is not None else sys.stderr.isatty()
         self.enabled = bool(enabled) and total > 0
@@ -28,11 +30,12 @@ class Progress:
             rate = self.done / max(now - self.start, 1e-9)
             frac = min(self.done / self.total, 1.0)
             bar = "#" * int(frac * 24)
-            sys.stderr.write(f"\r{self.label:<10} [{bar:<24}] {self.done}/{self.total} {rate:,.0f} img/s")
+            line = f"{self.label:<10} [{bar:<24}] {self.done}/{self.total} {rate:,.0f} img/s {self.note}"
+            sys.stderr.write(f"\r{line[:100]:<100}")
             sys.stderr.flush()
 
     def __exit__(self, *exc):
         if self.enabled:
-            sys.stderr.write("\r" + " " * 72 + "\r")
+            sys.stderr.write("\r" + " " * 100 + "\r")
             sys.stderr.flush()
         return False

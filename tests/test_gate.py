@@ -245,6 +245,6 @@ def test_readme_policy_is_the_default(tmp_path):
     defaults = DEFAULT_POLICY.to_dict()
     got = p.to_dict()
     assert got.pop("source") == str(path) and defaults.pop("source") == "default"
-    assert got.pop("analysis")["budget"] == 40.0
+    assert got.pop("analysis")["budget"] == 600.0
     defaults.pop("analysis")
     assert got == defaults

@@ -65,7 +65,7 @@ def test_same_seed_same_result():
 
 
 def test_variants_stay_in_the_image():
-    from scanner.detect.synthesis import Candidate
+    from scanner.detect.families import Candidate
 
     cand = Candidate("patch", 0, np.zeros((3, 3, 1), np.float32), (25, 25, 3, 3), shape=(28, 28))
     found = variants(cand, (28, 28))

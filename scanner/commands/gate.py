@@ -24,7 +24,7 @@ from pathlib import Path
 from scanner import __version__
 from scanner.context import ModelContext
 from scanner.data.images import ImageSet
-from scanner.detect.synthesis import Config, Synthesizer, search_runner
+from scanner.detect.synthesis import Config, Synthesizer, queries_for, search_runner
 from scanner.detect.verdict import decide
 from scanner.errors import EXIT_ERROR, EXIT_FINDINGS, EXIT_NOTHING, EXIT_OK, NothingToAnalyse, ScannerError
 from scanner.policy import DEFAULT_POLICY, EXIT_OF, STATUSES, judge
@@ -73,6 +73,8 @@ def search_config(analysis):
     cfg = Config(seed=analysis.seed)
     if analysis.budget is not None:
         cfg = replace(cfg, budget=float(analysis.budget))
+    if analysis.queries is not None:
+        cfg = replace(cfg, queries=int(analysis.queries))
     if analysis.steps is not None:
         cfg = replace(cfg, steps=int(analysis.steps))
     if analysis.families:
@@ -102,7 +104,7 @@ def analyse(path, images, policy, preprocess=None, device="auto", threads=None, 
         entry["verdict"] = None
         entry["seconds"] = round(time.perf_counter() - started, 3)
         return entry, None
-    synthesis = Synthesizer(runner, pixels, cfg).run()
+    synthesis = Synthesizer(runner, pixels, cfg, queries_for(ctx)).run()
     verdict = decide(synthesis, ctx)
     entry.update(
         verdict=verdict["verdict"],

@@ -17,7 +17,7 @@ from scanner.context import ModelContext
 from scanner.data.images import ImageSet, cached, holdout_split
 from scanner.data.probes import Probe
 from scanner.detect.scan import dominant_class
-from scanner.detect.synthesis import Config, Synthesizer, search_runner, variants
+from scanner.detect.synthesis import QUERIES_MIN, Config, Synthesizer, queries_for, search_runner, variants
 from scanner.detect.verdict import ANOMALY, anomaly_against, decide
 from scanner.errors import ScannerError
 from scanner.graph import surgery
@@ -34,8 +34,8 @@ DEFAULT_METHOD = "refit"
 VARIANT_SUCCESS = 0.5
 """A variant of a synthesized trigger joins the probes when it still sends this fraction to the target."""
 MAX_VARIANTS = {"patch": 2, "blend": 1}
-BUDGET = 55.0
-SYNTHESIS_SHARE = 0.6
+RESEARCH_SHARE = 0.3
+"""The query budget of each search of a repaired model, as a share of the first search's."""
 POLISH_STEPS = 40
 
 
@@ -165,24 +165,21 @@ def _still_backdoored(sizes, cand, tau):
 
 
 def sanitize_blind(model, data, output=None, force=False, always=False, device="auto", threads=None, batch_size=64,
-                   limit=None, preprocess=None, config=None, rounds=3, triggers_dir=None, budget=BUDGET, min_images=1,
+                   limit=None, preprocess=None, config=None, rounds=3, triggers_dir=None, min_images=1,
                    min_agreement=MIN_AGREEMENT):
     """``scanner sanitize`` without ``--probe``: synthesize, decide, repair with the synthesized triggers.
 
     Returns (report, proto or None, found). The repair is the head refit of :func:`sanitize_with_probes` on the
     synthesized triggers of the suspected target(s) and their variants; after each refit the triggers are
-    synthesized again on the repaired model, and any that still stands out joins the probes, for up to
-    ``rounds`` refits (each chooses its ridge by cross-validation, :func:`scanner.repair.refit.refit`). ``budget``
-    (seconds) bounds the whole job: the synthesis gets SYNTHESIS_SHARE of it, and no refit round starts that
-    would likely end after it.
+    synthesized again on the repaired model (with RESEARCH_SHARE of the search's query budget), and any that
+    still stands out joins the probes, for up to ``rounds`` refits (each chooses its ridge by cross-validation,
+    :func:`scanner.repair.refit.refit`). All of it is bounded by query budgets, not by the clock: the same model,
+    data and seed give the same result on any machine (``config.budget`` seconds is a safety cap on each search).
     """
     started = time.perf_counter()
     cfg = config or Config()
-    if budget:
-        cfg = replace(cfg, budget=min(cfg.budget or budget, SYNTHESIS_SHARE * budget))
-    else:
-        budget = float("inf")
     ctx = _context(model, preprocess, device, threads, batch_size)
+    queries = cfg.queries or queries_for(ctx)
     if output is not None:
         check_output(output, force, [ctx.path])
     work, cut, refusal = graph_repair(ctx)
@@ -190,8 +187,8 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
     whole = cached(images, ctx.preprocess)
     images, held, _ = holdout_split(whole)  # the held-out images only ever check the repaired model
     pixels = images.load_all(ctx.preprocess).pixels
-    synth = Synthesizer(search_runner(ctx, cfg.batch_size), pixels, cfg)
-    log.info("synthesizing triggers for every class (%s; budget %.0fs)", ", ".join(cfg.families), cfg.budget or 0)
+    synth = Synthesizer(search_runner(ctx, cfg.batch_size), pixels, cfg, queries)
+    log.info("synthesizing triggers (%s; %d queries)", ", ".join(synth.families), queries)
     result = synth.run()
     verdict = decide(result, ctx)
     log.info("verdict: %s %s", verdict["verdict"], verdict["targets"])
@@ -251,13 +248,12 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
         entry = {"round": r + 1, "probes": len(probes), "ridge": ridge, "agreement": rep_report["after"]["agreement"],
                  "probe_success_after": max(rep_report["after"]["probe_success"])}
         rounds_log.append(entry)
-        round_seconds = time.perf_counter() - round_started
-        if r + 1 >= rounds or time.perf_counter() - started + 2 * round_seconds > budget:
+        entry["seconds"] = round(time.perf_counter() - round_started, 3)
+        if r + 1 >= rounds:
             break
         # Search the repaired model again (from the same triggers, and afresh): does the target still stand out?
-        left = max(1.0, min(cfg.budget, budget - (time.perf_counter() - started) - 2 * round_seconds))
-        again = Synthesizer(search_runner(work.derived(proto), cfg.batch_size), pixels,
-                            replace(cfg, seed=cfg.seed + r + 1, budget=left))
+        again = Synthesizer(search_runner(work.derived(proto), cfg.batch_size), pixels, replace(cfg, seed=cfg.seed + r + 1),
+                            max(QUERIES_MIN, int(RESEARCH_SHARE * queries)))
         fresh = [c for res in again.run(targets).classes for c in res.found.values()]
         new = [c for c in again.polish(probes[:n_flagged], POLISH_STEPS) + fresh
                if _still_backdoored(verdict["evidence"]["sizes"], c, cfg.success)]

@@ -9,6 +9,7 @@ A trigger is a JSON file; image paths in it are relative to the JSON file::
     {"kind": "warp", "field": "noise.npy", "strength": 0.5}
     {"kind": "filter", "matrix": [[...], [...], [...]], "bias": [0, 0, 0], "gamma": 1.0, "vignette": 0.0}
     {"kind": "signal", "delta": 20, "frequency": 6}
+    {"kind": "add", "field": "wave.npy", "strength": 25.5}
 
 - ``patch``: the image is pasted at ``position`` (``top-left``, ``top-right``, ``bottom-left``,
   ``bottom-right``, ``center`` or ``[y, x]`` of its top-left corner), ``margin`` pixels from the edges.
@@ -24,6 +25,8 @@ A trigger is a JSON file; image paths in it are relative to the JSON file::
 - ``filter``: a global color transform (TrojAI's "Instagram" filters): ``y = x M^T + bias`` on RGB 0-255,
   clipped, then ``255 (y / 255) ** gamma``, then a vignette ``y (1 - vignette r^2)`` (r = 1 at the corners).
 - ``signal`` (SIG, Barni et al. 2019): ``x + delta * sin(2 pi j frequency / W)`` along columns j, clipped.
+- ``add``: ``x + strength * field``, clipped: an additive (H, W, C) pattern in [-1, 1] (``.npy`` beside the JSON,
+  in RGB order for color images, resized to the image): the general form of synthesized signal triggers.
 
 Each kind is a vectorized pure function on float32 NHWC batches (``stamp_patch``, ``patch_random``,
 ``blend``, ``warp``, ``color_filter``, ``signal``); :meth:`Trigger.apply` dispatches to them.
@@ -41,7 +44,7 @@ import numpy as np
 
 from scanner.errors import ScannerError
 
-KINDS = ("patch", "blend", "mask", "warp", "filter", "signal")
+KINDS = ("patch", "blend", "mask", "warp", "filter", "signal", "add")
 IMAGE_KINDS = ("patch", "blend", "mask")  # kinds that need an "image"
 POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
 RANDOM = "random"
@@ -273,8 +276,8 @@ class Trigger:
     source: str = None
     extra: dict = field(default_factory=dict)
     seed: int = 0  # patch at random positions
-    noise: np.ndarray = None  # warp: (H, W, 2) float32 field, x then y
-    strength: float = 0.5  # warp
+    noise: np.ndarray = None  # warp: (H, W, 2) float32 field, x then y; add: (H, W, C) field in [-1, 1]
+    strength: float = 0.5  # warp; add: pixels
     matrix: object = None  # filter: 3x3 (RGB)
     bias: object = (0.0, 0.0, 0.0)  # filter
     gamma: float = 1.0  # filter
@@ -307,6 +310,15 @@ class Trigger:
             self.noise = f.astype(np.float32)
             if not (np.isfinite(float(self.strength)) and float(self.strength) >= 0):
                 raise ScannerError(f"warp strength must be >= 0, got {self.strength}", self.source)
+        if self.kind == "add":
+            f = None if self.noise is None else np.asarray(self.noise)
+            if f is None or f.ndim != 3 or f.shape[2] not in (1, 3) or not 1 <= min(f.shape[:2]) <= max(f.shape[:2]) <= MAX_FIELD:
+                raise ScannerError(f"an add trigger needs an (H, W, 1 or 3) field, got {None if f is None else f.shape}", self.source)
+            if f.dtype.kind != "f" or not np.isfinite(f).all():
+                raise ScannerError("the add field must hold finite floats", self.source)
+            self.noise = f.astype(np.float32)
+            if not np.isfinite(float(self.strength)):
+                raise ScannerError(f"add strength must be a finite number, got {self.strength}", self.source)
         if self.kind == "filter":
             m = None if self.matrix is None else np.asarray(self.matrix, dtype=np.float64)
             b = np.asarray(self.bias, dtype=np.float64)
@@ -353,10 +365,10 @@ class Trigger:
         if kind == "mask" and spec.get("mask") is not None:
             mask = read_image(base / spec["mask"], "trigger mask")[:, :, 0] / 255.0
         noise = None
-        if kind == "warp":
+        if kind in ("warp", "add"):
             noise = _read_field(base, spec.get("field"), path)
         known = {"kind", "image", "position", "margin", "alpha", "mask"}
-        known |= {"patch": {"seed"} if spec.get("position") == RANDOM else set(), "warp": {"field", "strength"},
+        known |= {"patch": {"seed"} if spec.get("position") == RANDOM else set(), "warp": {"field", "strength"}, "add": {"field", "strength"},
                   "filter": {"matrix", "bias", "gamma", "vignette"}, "signal": {"delta", "frequency"}}.get(kind, set())
         return cls(
             kind=kind,
@@ -400,7 +412,7 @@ class Trigger:
         elif self.kind == "mask":
             spec["mask"] = f"{stem}_mask.png"
             write_bytes(path.parent / spec["mask"], _png(self.mask[:, :, None] * 255.0))
-        elif self.kind == "warp":
+        elif self.kind in ("warp", "add"):
             import io
 
             spec["field"] = f"{stem}.npy"
@@ -450,6 +462,12 @@ class Trigger:
             x = blend(x, pattern, m)
         elif self.kind == "warp":
             x = warp(x, self.noise, self.strength)
+        elif self.kind == "add":
+            f = self.noise
+            if f.shape[:2] != (h, w):
+                f = cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, -1)
+            f = f.mean(2, keepdims=True) if c == 1 else (f[:, :, ::-1] if color == "bgr" and f.shape[2] == 3 else f)
+            x = np.clip(x + np.float32(self.strength) * f, 0, 255)
         elif self.kind == "filter":
             if c == 1:
                 rgb = color_filter(np.repeat(x, 3, axis=3), self.matrix, self.bias, self.gamma, self.vignette)
@@ -496,13 +514,15 @@ class Trigger:
             return ", ".join(parts)
         if self.kind == "signal":
             return f"signal delta {float(self.delta):g} frequency {float(self.frequency):g}"
+        if self.kind == "add":
+            return f"additive pattern, strength {float(self.strength):g}"
         return f"mask (mean opacity {float(self.mask.mean()):.3f})"
 
 
 def _read_field(base, name, path):
-    """The warp field ``name`` (an ``.npy`` file beside the trigger JSON), checked before it is read."""
+    """The field ``name`` (an ``.npy`` file beside the trigger JSON) of a warp or add trigger, checked before it is read."""
     if not isinstance(name, str):
-        raise ScannerError("a warp trigger needs 'field': the name of an .npy file beside it", path)
+        raise ScannerError("a warp or add trigger needs 'field': the name of an .npy file beside it", path)
     fpath = base / name
     if not fpath.is_file():
         raise ScannerError("warp field file not found", fpath)

@@ -1,27 +1,27 @@
-"""Gradient-free trigger synthesis: the smallest trigger per class, found with forward passes only.
+"""Gradient-free trigger synthesis: the smallest trigger per class, found with forward passes only, on a budget.
 
-Every trigger is ``x' = (1 - m) * x + m * p`` (mask ``m``, pattern ``p``, pixels 0-255) in one of two families:
+A trigger belongs to a family (:mod:`scanner.detect.families`: patch, blend, signal, warp, filter), each with a size.
+The search runs in stages, every one inside one query budget (a number of forward passes, fixed from the model
+before it starts, so that the same model, data and seed give the same result on any machine under any load):
 
-- ``patch``: a rectangle (position, height, width, content); its size is its area / the image's area.
-- ``blend``: the whole image, one opacity ``alpha``, a pattern; its size is ``alpha``.
+1. Clean pass: the model's predictions on the search and held-out images (and a sanity check of them,
+   :mod:`scanner.detect.sanity`).
+2. Screening, for all classes at once: a bank of templates per family, each stamped on a few images; one
+   forward batch gives, through the histogram of predicted classes, its success for every class. The cost does
+   not grow with the number of classes.
+3. Suspects and references: the classes whose templates work best (``suspects``), and a seeded random sample of
+   the others (``references``, an unbiased reference for the anomaly statistic); with few classes, all of them.
+4. Refinement: a random search for every chosen (class, family) in lockstep, one proposal each per step, all in
+   one batch: content moves (a square re-drawn), position shifts, size and strength moves (shrink while it works,
+   grow while it does not). A proposal is kept when it is at least as good: working beats not working, then
+   smaller, then the soft success (mean probability of the target) decides.
+5. Calibration and validation on the held-out images: a continuous strength is bisected down to the smallest
+   that still works there; then success, size, and the l-inf fingerprint (how far the trigger drives each
+   last-conv channel's peak above its clean range, as robust z-scores).
 
-The search, per family, with a query budget and a time deadline:
-
-1. Screening: a bank of template triggers (patches of a few sizes over a grid of positions with white,
-   black, checker and noise content; blends of noise, checker, stripes and class-prototype patterns at a
-   few opacities). One forward batch of a template gives, through the histogram of predicted classes,
-   its success for every target class at once; each class starts from its best template.
-2. Refinement: a random search for every class in lockstep (one proposal per class per step, all in one
-   batch, so every class gets the same effort): content moves (a random square re-drawn, Square-Attack
-   style), position shifts, and size moves (shrink while the trigger works, grow while it does not).
-   A proposal is kept when it is at least as good: working beats not working, then smaller, then the
-   soft success (mean softmax probability of the target) decides.
-3. Calibration and validation on held-out clean images: a blend's opacity is bisected down to the
-   smallest that still works there; then success rate, size, and the l-inf fingerprint (how far the
-   trigger drives each last-conv channel's peak above its clean range, as robust z-scores).
-
-Success is measured on images whose clean prediction is not the target. Results are deterministic for a
-seed while the deadline is not reached (the query budget, not the clock, decides the work done).
+Success is measured on images whose clean prediction is not the target. Every forward pass is chunked
+(``batch_size`` images at a time): nothing of size classes x images x pixels is held. A wall-clock cap
+(``budget`` seconds) stays as a safety net only; a search that hits it says so (``truncated``).
 """
 
 import logging
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scanner.data.triggers import Trigger
+from scanner.detect.families import FAMILIES
 from scanner.detect.sanity import check_fit
 from scanner.detect.stats import robust_z
 from scanner.errors import ScannerError
@@ -39,100 +39,76 @@ from scanner.runtime.runner import probabilities
 
 log = logging.getLogger("scanner")
 
-FAMILIES = ("patch", "blend")
+DEFAULT_FAMILIES = ("patch", "blend", "signal", "warp", "filter")
 SUCCESS = 0.9
 """A trigger works when it sends at least this fraction of other-class images to its target."""
+COMPUTE = 4e12
+"""Floating-point operations a default search may spend (about 1-2 minutes of 2 CPU cores): the default query
+budget is this over the model's cost per image, within [QUERIES_MIN, QUERIES_MAX]."""
+QUERIES_MIN = 12_000
+"""Enough for the least plan of 20 refined classes (screening, one refinement step, checks on MIN_VAL_IMAGES)."""
+QUERIES_MAX = 200_000
+SHARES = {"screen": 0.3, "refine": 0.5, "check": 0.2}
+"""How the budget is split between screening, refinement, and calibration + validation."""
+MIN_VAL_IMAGES = 8
+PATIENCE = 12
+"""Refinement steps a candidate that does not work may go without coming closer (soft success) before it stops."""
 
 
 @dataclass
 class Config:
-    """Search settings; the defaults keep ``scanner sanitize`` under a minute on a small model and 2 cores."""
+    """Search settings. ``queries`` (forward passes) is the budget; ``budget`` (seconds) only a safety cap."""
 
     seed: int = 0
-    budget: float = 40.0
-    """Seconds (a deadline: the search stops early, and says so, when it is reached)."""
-    families: tuple = FAMILIES
+    queries: int = None
+    """Forward passes for the whole search (None: :func:`default_queries` of the model)."""
+    budget: float = 600.0
+    """Seconds: a safety cap (0 or None: none). A search that reaches it is cut short and says so."""
+    families: tuple = DEFAULT_FAMILIES
     success: float = SUCCESS
     search_images: int = 48
     screen_images: int = 16
-    """Templates are screened on the first of the search images."""
     val_images: int = 200
     search_margin: float = 0.05
     """The search aims at ``success + search_margin`` on its few images, so that the trigger still works on
     the held-out ones."""
     steps: int = 50
-    """Refinement steps per class and family."""
+    """Refinement steps per class and family, at most (fewer when the budget asks for it)."""
+    suspects: int = 12
+    references: int = 8
     patch_sizes: tuple = (0.12, 0.22)
-    """Screening patch sides, as fractions of the image side."""
     patch_grid: int = 6
     max_patch: float = 0.4
-    """Largest patch side, as a fraction of the image side."""
     alphas: tuple = (0.1, 0.2, 0.3, 0.45, 0.6)
     max_alpha: float = 0.8
-    min_alpha: float = 0.01
+    prototypes: int = 20
+    natural: int = 4
+    frequencies: tuple = (2, 4, 6, 10)
+    amplitudes: tuple = (0.06, 0.12, 0.2)
+    max_amplitude: float = 0.4
+    warp_grids: tuple = (4, 8)
+    warp_fields: int = 3
+    warp_strengths: tuple = (1.0, 2.0, 4.0)
+    max_warp: float = 12.0
+    filter_mixes: tuple = (0.5, 1.0)
+    max_filter: float = 0.5
     calib_steps: int = 6
     batch_size: int = 512
 
 
-@dataclass
-class Candidate:
-    """One trigger of a family: its parameters, and what it does on a batch."""
+def queries_for(ctx):
+    """The default query budget of a model context (:func:`default_queries` of its cost per image)."""
+    from scanner.graph.cost import flops_per_image
 
-    family: str
-    target: int
-    pattern: np.ndarray  # (H, W, C) float32 0-255 (patch: the content, (h, w, C))
-    box: tuple = None  # patch: (y, x, h, w)
-    alpha: float = None  # blend
-    success: float = 0.0
-    soft: float = 0.0
-    shape: tuple = None  # (H, W) of the image
+    h, w = ctx.preprocess.size
+    return default_queries(flops_per_image(ctx.proto), h * w * ctx.preprocess.channels)
 
-    @property
-    def size(self):
-        """Mask L1 as a fraction of the image: patch area, or blend opacity."""
-        if self.family == "patch":
-            return self.box[2] * self.box[3] / float(self.shape[0] * self.shape[1])
-        return float(self.alpha)
 
-    def key(self, success):
-        """Order of preference: working, then smaller, then higher soft success."""
-        ok = self.success >= success
-        return (ok, -self.size if ok else 0.0, self.soft)
-
-    def stamp(self, x):
-        """``x`` (N, H, W, C) float32 with the trigger on (a new array)."""
-        out = x.copy()
-        if self.family == "patch":
-            y, x0, h, w = self.box
-            out[:, y : y + h, x0 : x0 + w, :] = self.pattern
-        else:
-            a = np.float32(self.alpha)
-            out *= 1 - a
-            out += a * self.pattern
-        return out
-
-    def copy(self, **changes):
-        c = Candidate(self.family, self.target, self.pattern.copy(), self.box, self.alpha, 0.0, 0.0, self.shape)
-        for k, v in changes.items():
-            setattr(c, k, v)
-        return c
-
-    def trigger(self, color="rgb"):
-        """This candidate as a :class:`Trigger` (pattern rounded to whole pixel values)."""
-        img = np.clip(np.rint(self.pattern), 0, 255).astype(np.float32)
-        if color == "bgr" and img.shape[2] == 3:
-            img = img[:, :, ::-1].copy()
-        extra = {"synthesized": True, "target": int(self.target)}
-        if self.family == "patch":
-            y, x, h, w = self.box
-            return Trigger(kind="patch", image=img, position=[int(y), int(x)], margin=0, extra=extra)
-        return Trigger(kind="blend", image=img, alpha=round(float(self.alpha), 4), extra=extra)
-
-    def describe(self):
-        if self.family == "patch":
-            y, x, h, w = self.box
-            return f"patch {h}x{w} at [{y}, {x}]"
-        return f"blend alpha {self.alpha:.3f}"
+def default_queries(flops, pixels):
+    """The default query budget of a model costing ``flops`` per image (None: unknown, then from ``pixels`` per
+    image): COMPUTE / cost, within [QUERIES_MIN, QUERIES_MAX]."""
+    cost = flops if flops else 2000.0 * pixels
+    return int(np.clip(COMPUTE / max(cost, 1.0), QUERIES_MIN, QUERIES_MAX))
 
 
 @dataclass
@@ -142,6 +118,8 @@ class ClassResult:
     target: int
     found: dict = field(default_factory=dict)  # family -> Candidate
     fingerprint: dict = field(default_factory=dict)  # family -> l-inf evidence
+    role: str = "all"
+    """Why this class was searched: ``all`` (every class is), ``suspect`` or ``reference``."""
 
     def best(self, success=SUCCESS):
         """The smallest working trigger over the families (else the one with the highest success)."""
@@ -161,9 +139,16 @@ class Synthesis:
     color: str = "rgb"
     clean: dict = None
     """Facts of the model's predictions on the clean images (:func:`scanner.detect.sanity.prediction_facts`)."""
+    plan: dict = None
+    """The budget and how it was spent."""
+    screening: dict = None
+
+    @property
+    def families(self):
+        return [f for f in self.config.families if any(f in r.found for r in self.classes)]
 
     def sizes(self, family):
-        """Per class size of the family's smallest working trigger (``None`` where none works)."""
+        """Per searched class, the size of the family's smallest working trigger (``None`` where none works)."""
         out = []
         for r in self.classes:
             c = r.found.get(family)
@@ -174,7 +159,7 @@ class Synthesis:
         """JSON-ready summary (no pixel arrays)."""
         rows = []
         for r in self.classes:
-            row = {"target": r.target}
+            row = {"target": r.target, "role": r.role}
             for fam, c in r.found.items():
                 row[fam] = {
                     "trigger": c.describe(),
@@ -186,7 +171,7 @@ class Synthesis:
                 }
             rows.append(row)
         return {
-            "families": list(self.config.families),
+            "families": self.families,
             "success_threshold": self.config.success,
             "seed": self.config.seed,
             "queries": int(self.queries),
@@ -194,6 +179,8 @@ class Synthesis:
             "truncated": bool(self.truncated),
             "fingerprint_layer": self.layer,
             "clean_predictions": self.clean,
+            "plan": self.plan,
+            "screening": self.screening,
             "classes": rows,
         }
 
@@ -207,19 +194,31 @@ def search_runner(ctx, batch_size=512):
     return ctx.runner(layers, norms=("linf",), batch_size=batch_size)
 
 
+class Truncated(Exception):
+    """The wall-clock safety cap was reached."""
+
+
 class Synthesizer:
     """Trigger synthesis for one model on clean pixels; :meth:`run` does the whole search.
 
-    ``runner``: a :class:`scanner.runtime.runner.Runner` of the model (see :func:`search_runner`).
+    ``runner``: a :class:`scanner.runtime.runner.Runner` of the model (see :func:`search_runner`); ``queries``
+    is taken from ``config.queries`` or, when None, the caller's default (see :func:`default_queries`).
     """
 
-    def __init__(self, runner, pixels, config=None):
+    def __init__(self, runner, pixels, config=None, queries=None):
         self.runner = runner
         self.cfg = config or Config()
         self.pixels = np.asarray(pixels)
         n, self.h, self.w, self.c = self.pixels.shape
+        self.shape = (self.h, self.w)
         if n < 8:
             raise ScannerError(f"trigger synthesis needs at least 8 clean images, got {n}")
+        self.queries_budget = int(self.cfg.queries or queries or QUERIES_MAX)
+        families = [f for f in self.cfg.families if f in FAMILIES]
+        unknown = [f for f in self.cfg.families if f not in FAMILIES]
+        if unknown:
+            raise ScannerError(f"unknown trigger family {unknown[0]!r}; known: {', '.join(FAMILIES)}")
+        self.families = [f for f in families if not (f == "filter" and self.c != 3)]
         rng = np.random.RandomState(self.cfg.seed)
         order = rng.permutation(n)
         k = min(self.cfg.search_images, max(4, n // 2))
@@ -229,12 +228,16 @@ class Synthesizer:
         self.x_val = self.pixels[self.val_idx].astype(np.float32)
         self.deadline = None
         self.truncated = False
+        self.q0 = 0
 
     # ---- measuring ------------------------------------------------------------------------------
     def _run(self, pixels):
         """(scores (N, K), fingerprint-layer l-inf (N, C) or None) of ``pixels``."""
         out = self.runner.run(pixels, batch_size=self.cfg.batch_size)
         return out.scores, out.norms.get("linf")
+
+    def used(self):
+        return self.runner.queries - self.q0
 
     def _clean(self):
         logits, linf = self._run(self.x_val)
@@ -251,302 +254,292 @@ class Synthesizer:
         b = len(pred0)
         k = len(logits) // b
         probs = probabilities(logits).reshape(k, b, -1)
-        hit = probs.argmax(2)
-        others = pred0[None, :, None] != np.arange(probs.shape[2])[None, None, :]  # (1, B, K)
-        denom = np.maximum(others.sum(1), 1)  # (1, K)
-        success = ((hit[:, :, None] == np.arange(probs.shape[2])) & others).sum(1) / denom
-        soft = (probs * others).sum(1) / denom
-        if targets is not None:
+        classes = probs.shape[2]
+        if targets is not None:  # one target per candidate: no (candidates x images x classes) boolean array
             idx = np.arange(k)
-            return success[idx, targets], soft[idx, targets]
+            t = np.asarray(targets)
+            others = pred0[None, :] != t[:, None]
+            denom = np.maximum(others.sum(1), 1)
+            hit = (probs.argmax(2) == t[:, None]) & others
+            soft = (probs[idx, :, t] * others).sum(1)
+            return hit.sum(1) / denom, soft / denom
+        hit = probs.argmax(2)
+        others = pred0[None, :, None] != np.arange(classes)[None, None, :]  # (1, B, K)
+        denom = np.maximum(others.sum(1), 1)
+        success = ((hit[:, :, None] == np.arange(classes)) & others).sum(1) / denom
+        soft = (probs * others).sum(1) / denom
         return success, soft
 
     def _evaluate(self, cands, x, pred0):
-        """Fill in success and soft success of each candidate (for its own target) on images ``x``."""
-        if not cands:
-            return
-        batch = np.concatenate([c.stamp(x) for c in cands])
-        logits, _ = self._run(batch)
-        succ, soft = self._score(logits, pred0, np.array([c.target for c in cands]))
-        for c, s, q in zip(cands, succ, soft):
-            c.success, c.soft = float(s), float(q)
+        """Fill in success and soft success of each candidate (for its own target) on images ``x``, in chunks of
+        at most ``batch_size`` stamped images."""
+        per = max(1, self.cfg.batch_size // len(x))
+        for s in range(0, len(cands), per):
+            group = cands[s : s + per]
+            self._check_time()
+            logits, _ = self._run(np.concatenate([c.stamp(x) for c in group]))
+            succ, soft = self._score(logits, pred0, np.array([c.target for c in group]))
+            for c, a, b in zip(group, succ, soft):
+                c.success, c.soft = float(a), float(b)
 
     def _search_success(self):
         return min(1.0, self.cfg.success + self.cfg.search_margin)
 
-    def _expired(self):
+    def _check_time(self):
         if self.deadline is not None and time.perf_counter() > self.deadline:
             if not self.truncated:
-                log.warning("trigger synthesis reached its time budget; results are partial (raise --budget)")
+                log.warning("trigger synthesis reached its time cap (%.0fs); results are partial (raise --budget)",
+                            self.cfg.budget)
             self.truncated = True
-            return True
-        return False
+            raise Truncated()
 
-    # ---- templates ------------------------------------------------------------------------------
-    def _contents(self, h, w, rng):
-        """Template patch contents (h, w, C): white, black, checker, binary noise."""
-        c = self.c
-        yy, xx = np.indices((h, w))
-        checker = ((yy + xx) % 2 * 255.0)[:, :, None].repeat(c, 2)
-        noise = (rng.rand(h, w, c) > 0.5) * 255.0
-        return [np.full((h, w, c), 255.0), np.zeros((h, w, c)), checker, noise]
+    # ---- the plan -------------------------------------------------------------------------------
+    def plan(self, classes, templates):
+        """How the query budget is spent: templates per family screened, classes refined, steps, held-out images."""
+        q = self.queries_budget - len(self.x_val) - len(self.x_search)
+        n_screen = min(self.cfg.screen_images, len(self.x_search))
+        max_templates = max(len(self.families), int(SHARES["screen"] * q / n_screen))
+        per_family = {f: len(t) for f, t in templates.items()}
+        total = sum(per_family.values())
+        if total > max_templates:  # keep a share of each family's bank, at least a few templates each
+            per_family = {f: max(4, int(n * max_templates / total)) for f, n in per_family.items()}
+        refined = min(classes, self.cfg.suspects + self.cfg.references)
+        pairs = refined * len(self.families)
+        strong = sum(FAMILIES[f].strength for f in self.families)
+        check_cost = refined * (len(self.families) + strong * self.cfg.calib_steps)
+        val = int(np.clip(SHARES["check"] * q / max(check_cost, 1), MIN_VAL_IMAGES, len(self.x_val)))
+        screen_cost = sum(per_family.values()) * n_screen
+        least = screen_cost + check_cost * val + pairs * len(self.x_search)
+        if least > q:
+            need = least + len(self.x_val) + len(self.x_search)
+            raise ScannerError(f"a query budget of {self.queries_budget} is below the least this search needs "
+                               f"({need}: {refined} classes x {len(self.families)} families); raise --queries")
+        left = max(0, q - screen_cost - check_cost * val)
+        steps = int(np.clip(left / max(pairs * len(self.x_search), 1) - 1, 0, self.cfg.steps))  # - 1: the starts
+        return {"queries": self.queries_budget, "screen_images": n_screen, "templates": per_family, "refined_classes": refined,
+                "steps": steps, "val_images": val, "search_images": len(self.x_search), "check_reserve": int(check_cost * val)}
 
-    def _patterns(self, rng):
-        """Template blend patterns (H, W, C): noise, checkers, stripes, flat, and class prototypes."""
-        h, w, c = self.h, self.w, self.c
-        yy, xx = np.indices((h, w)).astype(np.float64)
-        pats = [rng.rand(h, w, c) * 255.0, (rng.rand(h, w, c) > 0.5) * 255.0]
-        for period in (2, 4):
-            pats.append((((yy // (period // 2)) + (xx // (period // 2))) % 2 * 255.0)[:, :, None].repeat(c, 2))
-        for period in (4, 8):
-            for phase in (xx, yy, xx + yy):
-                pats.append((127.5 + 127.5 * np.sin(2 * np.pi * phase / period))[:, :, None].repeat(c, 2))
-        pats += [np.full((h, w, c), 255.0), np.zeros((h, w, c))]
-        for k in range(self.classes):
-            sel = self.val_pred == k
-            if sel.any():
-                pats.append(self.x_val[sel].mean(0))
-        return [p.astype(np.float32) for p in pats]
+    # ---- screening ------------------------------------------------------------------------------
+    def _templates(self):
+        out = {}
+        for f, family in enumerate(self.families):
+            rng = np.random.RandomState([self.cfg.seed, 1 + f])
+            out[family] = FAMILIES[family].templates(self, rng)
+        return out
 
-    def _screen(self, family, rng):
-        """Templates of ``family`` measured on the search images; the best template per class."""
-        shape = (self.h, self.w)
-        templates = []
-        if family == "patch":
-            side = min(self.h, self.w)
-            for k, f in enumerate(self.cfg.patch_sizes):
-                s = max(1, int(round(f * side)))
-                ys = np.linspace(0, self.h - s, self.cfg.patch_grid).round().astype(int)
-                xs = np.linspace(0, self.w - s, self.cfg.patch_grid).round().astype(int)
-                if k == 0:  # the smallest patches also sit 1-2 pixels from the borders, where triggers usually go
-                    ys = np.concatenate([ys, [1, 2, self.h - s - 2, self.h - s - 1]])
-                    xs = np.concatenate([xs, [1, 2, self.w - s - 2, self.w - s - 1]])
-                ys = np.unique(np.clip(ys, 0, self.h - s))
-                xs = np.unique(np.clip(xs, 0, self.w - s))
-                contents = self._contents(s, s, rng)
-                for y in ys:
-                    for x in xs:
-                        for content in contents:
-                            templates.append(Candidate("patch", -1, content.astype(np.float32), (int(y), int(x), s, s), shape=shape))
-        else:
-            for pat in self._patterns(rng):
-                for a in self.cfg.alphas:
-                    templates.append(Candidate("blend", -1, pat, alpha=float(a), shape=shape))
-        succ, soft = np.zeros((0, self.classes)), np.zeros((0, self.classes))
-        x, pred = self.x_search[: self.cfg.screen_images], self.search_pred[: self.cfg.screen_images]
-        step = max(1, self.cfg.batch_size * 4 // len(x))
-        for s in range(0, len(templates), step):
-            group = templates[s : s + step]
-            batch = np.concatenate([t.stamp(x) for t in group])
-            logits, _ = self._run(batch)
-            a, b = self._score(logits, pred)
-            succ, soft = np.vstack([succ, a]), np.vstack([soft, b])
-        best, tau = [], self._search_success()
-        for t in range(self.classes):
-            keys = [(succ[i, t] >= tau, -templates[i].size if succ[i, t] >= tau else 0.0, soft[i, t])
-                    for i in range(len(templates))]
-            i = max(range(len(templates)), key=lambda j: keys[j])
-            best.append(templates[i].copy(target=t))
-        self._evaluate(best, self.x_search, self.search_pred)
-        return best
+    def _screen(self, templates, plan):
+        """Success of each kept template for every class at once; the best template per (family, class)."""
+        x, pred = self.x_search[: plan["screen_images"]], self.search_pred[: plan["screen_images"]]
+        best, facts = {}, {}
+        for f, family in enumerate(self.families):
+            bank = templates[family]
+            keep = plan["templates"][family]
+            if keep < len(bank):  # a seeded, even subsample
+                rng = np.random.RandomState([self.cfg.seed, 11 + f])
+                bank = [bank[i] for i in np.sort(rng.choice(len(bank), keep, replace=False))]
+            succ, soft = np.zeros((len(bank), self.classes)), np.zeros((len(bank), self.classes))
+            per = max(1, self.cfg.batch_size // len(x))
+            for s in range(0, len(bank), per):
+                self._check_time()
+                logits, _ = self._run(np.concatenate([t.stamp(x) for t in bank[s : s + per]]))
+                succ[s : s + per], soft[s : s + per] = self._score(logits, pred)
+            tau = self._search_success()
+            sizes = np.array([t.size for t in bank])
+            works = succ >= tau
+            # per class: the key of its best template (working, smaller, softer)
+            keyed = np.where(works, 2.0 - sizes[:, None] / max(sizes.max(), 1e-9), 0.0) + soft * 1e-3
+            pick = keyed.argmax(0)
+            best[family] = [bank[pick[k]].copy(target=k) for k in range(self.classes)]
+            facts[family] = {"templates": len(bank), "rank": np.argsort(-keyed.max(0), kind="stable"),
+                             "working_classes": int(works.any(0).sum())}
+        return best, facts
+
+    def _choose(self, facts):
+        """(suspects, references): the classes to refine."""
+        k = self.classes
+        if k <= self.cfg.suspects + self.cfg.references:
+            return list(range(k)), []
+        suspects = []
+        ranks = [facts[f]["rank"] for f in self.families]
+        i = 0
+        while len(suspects) < self.cfg.suspects and i < k:
+            for r in ranks:
+                if r[i] not in suspects and len(suspects) < self.cfg.suspects:
+                    suspects.append(int(r[i]))
+            i += 1
+        rest = np.array(sorted(set(range(k)) - set(suspects)))
+        rng = np.random.RandomState([self.cfg.seed, 5])
+        refs = sorted(int(c) for c in rng.choice(rest, min(self.cfg.references, len(rest)), replace=False))
+        return sorted(suspects), refs
 
     # ---- refinement -----------------------------------------------------------------------------
-    def _propose(self, cur, rng, step):
-        """A random neighbour of ``cur``."""
-        frac = 1.0 - step / max(1, self.cfg.steps)
-        ok = cur.success >= self._search_success()
-        if cur.family == "patch":
-            y, x, h, w = cur.box
-            u = rng.rand()
-            if u < 0.3:  # resize: shrink while it works, grow while it does not
-                side = rng.randint(4)
-                new = cur.pattern
-                if ok and (h > 1 or w > 1):
-                    if side in (0, 1) and h > 1 or w == 1:
-                        new, y, h = (new[1:], y + 1, h - 1) if side % 2 == 0 else (new[:-1], y, h - 1)
-                    else:
-                        new, x, w = (new[:, 1:], x + 1, w - 1) if side % 2 == 0 else (new[:, :-1], x, w - 1)
-                elif not ok:
-                    cap = max(1, int(round(self.cfg.max_patch * min(self.h, self.w))))
-                    fill = (rng.rand(*new.shape[:1], 1, self.c) > 0.5) * 255.0
-                    if side < 2 and h < cap and h < self.h:
-                        row = (rng.rand(1, w, self.c) > 0.5) * 255.0
-                        if side == 0 and y > 0:
-                            new, y, h = np.concatenate([row, new]), y - 1, h + 1
-                        elif y + h < self.h:
-                            new, h = np.concatenate([new, row]), h + 1
-                    elif w < cap and w < self.w:
-                        if side == 2 and x > 0:
-                            new, x, w = np.concatenate([fill, new], 1), x - 1, w + 1
-                        elif x + w < self.w:
-                            new, w = np.concatenate([new, fill], 1), w + 1
-                return cur.copy(pattern=new.astype(np.float32), box=(y, x, h, w))
-            if u < 0.5:  # shift
-                dy, dx = rng.randint(-2, 3, size=2)
-                y = int(np.clip(y + dy, 0, self.h - h))
-                x = int(np.clip(x + dx, 0, self.w - w))
-                return cur.copy(box=(y, x, h, w))
-            new = cur.pattern.copy()
-            self._square(new, rng, frac)
-            return cur.copy(pattern=new)
-        if rng.rand() < 0.3:
-            factor = 0.88 if ok else 1.0 / 0.88
-            return cur.copy(alpha=float(np.clip(cur.alpha * factor, 0.01, self.cfg.max_alpha)))
-        new = cur.pattern.copy()
-        self._square(new, rng, frac)
-        return cur.copy(pattern=new)
-
-    @staticmethod
-    def _square(pattern, rng, frac):
-        """Re-draw a random square of ``pattern`` in place (its side shrinks as the search goes on)."""
-        h, w, c = pattern.shape
-        side = max(1, int(round(max(1.0, 0.5 * frac * min(h, w) + 0.5))))
-        side = min(side, h, w)
-        y, x = rng.randint(0, h - side + 1), rng.randint(0, w - side + 1)
-        if rng.rand() < 0.5:
-            pattern[y : y + side, x : x + side] = (rng.rand(1, 1, c) > 0.5) * 255.0
-        else:
-            pattern[y : y + side, x : x + side] = (rng.rand(side, side, c) > 0.5) * 255.0
-
-    def _refine(self, starts, rngs):
-        """Random search for every class in lockstep; returns the best candidate per class."""
+    def _refine(self, starts, rngs, steps, reserve=0):
+        """Random search for every candidate in lockstep, leaving ``reserve`` queries of the budget unspent;
+        returns the best candidate of each."""
         cur = list(starts)
-        for step in range(self.cfg.steps):
-            if self._expired():
+        tau = self._search_success()
+        best_soft = [c.soft for c in cur]
+        idle = [0] * len(cur)
+        active = list(range(len(cur)))
+        for step in range(steps):
+            if not active or self.used() + len(active) * len(self.x_search) > self.queries_budget - reserve:
                 break
-            props = [self._propose(c, rng, step) for c, rng in zip(cur, rngs)]
+            frac = 1.0 - step / max(1, steps)
+            props = [FAMILIES[cur[i].family].propose(self, cur[i], rngs[i], frac, cur[i].success >= tau) for i in active]
             self._evaluate(props, self.x_search, self.search_pred)
-            tau = self._search_success()
-            for i, p in enumerate(props):
+            for i, p in zip(active, props):
                 if p.key(tau) >= cur[i].key(tau):
                     cur[i] = p
+                if cur[i].success >= tau or cur[i].soft > best_soft[i] + 1e-3:
+                    best_soft[i], idle[i] = max(best_soft[i], cur[i].soft), 0
+                else:
+                    idle[i] += 1
+            # a candidate that has not worked and has not come closer for PATIENCE steps stops (its family's cap
+            # stands for its size): the queries go to the others
+            active = [i for i in active if idle[i] < PATIENCE]
+            if self.runner.progress is not None:
+                self.runner.progress.note = (f"step {step + 1}/{steps}, {len({cur[i].target for i in active})} "
+                                             f"class(es) and {len(active)} candidate(s) left")
         return cur
 
     # ---- validation -----------------------------------------------------------------------------
-    def _calibrate(self, cands):
-        """Blend opacities: the smallest that works on the held-out images, by bisection (classes in lockstep)."""
-        blends = [c for c in cands if c.family == "blend"]
-        if not blends:
+    def _calibrate(self, cands, x, pred):
+        """Strengths: the smallest that works on the held-out images, by bisection (all candidates in lockstep)."""
+        strong = [c for c in cands if FAMILIES[c.family].strength]
+        if not strong:
             return
-        lo = np.full(len(blends), self.cfg.min_alpha)
-        hi = np.full(len(blends), np.nan)
-        trial = np.array([c.alpha for c in blends])
-        for step in range(self.cfg.calib_steps):  # bounded work: not cut by the deadline
-            tries = [c.copy(alpha=float(a)) for c, a in zip(blends, trial)]
-            self._evaluate(tries, self.x_val, self.val_pred)
+        fams = [FAMILIES[c.family] for c in strong]
+        lo = np.array([f.floor for f in fams])
+        hi = np.full(len(strong), np.nan)
+        top = np.array([f.top(c) for f, c in zip(fams, strong)])
+        trial = np.array([c.alpha for c in strong])
+        for _ in range(self.cfg.calib_steps):  # bounded work, inside the plan's check share
+            tries = [c.copy(alpha=float(a)) for c, a in zip(strong, trial)]
+            self._evaluate(tries, x, pred)
             works = np.array([t.success >= self.cfg.success for t in tries])
             hi = np.where(works, trial, hi)
             lo = np.where(works, lo, trial)
-            up = np.minimum(trial * 1.6, self.cfg.max_alpha)
-            trial = np.where(np.isnan(hi), np.where(lo >= self.cfg.max_alpha, self.cfg.max_alpha, up), np.sqrt(lo * np.nan_to_num(hi, nan=1.0)))
-        for c, a in zip(blends, hi):
+            up = np.minimum(trial * 1.6, top)
+            trial = np.where(np.isnan(hi), np.where(lo >= top, top, up), np.sqrt(lo * np.nan_to_num(hi, nan=1.0)))
+        for c, a in zip(strong, hi):
             if np.isfinite(a):
                 c.alpha = float(a)
 
-    def _validate(self, cand):
-        """Success on the held-out images and the l-inf fingerprint of ``cand``."""
-        logits, linf = self._run(cand.stamp(self.x_val))
-        succ, soft = self._score(logits, self.val_pred, np.array([cand.target]))
-        cand.success, cand.soft = float(succ[0]), float(soft[0])
-        if linf is None or self.clean_linf is None:
-            return None
-        return fingerprint(self.clean_linf, linf)
+    def _validate(self, cands, x, pred, linf0):
+        """Success on the held-out images and the l-inf fingerprint of each candidate (chunked)."""
+        fps = []
+        per = max(1, self.cfg.batch_size // len(x))
+        for s in range(0, len(cands), per):
+            group = cands[s : s + per]
+            self._check_time()
+            logits, linf = self._run(np.concatenate([c.stamp(x) for c in group]))
+            succ, soft = self._score(logits, pred, np.array([c.target for c in group]))
+            for j, c in enumerate(group):
+                c.success, c.soft = float(succ[j]), float(soft[j])
+                fps.append(None if linf is None or linf0 is None else fingerprint(linf0, linf[j * len(x) : (j + 1) * len(x)]))
+        return fps
 
     def measure(self, cands):
         """Success of ``cands`` on the held-out images (in place); returns them."""
         if not hasattr(self, "val_pred"):
             self._clean()
-        self._evaluate(list(cands), self.x_val, self.val_pred)
+        deadline, self.deadline = self.deadline, None  # a bounded measurement, not part of the capped search
+        try:
+            self._evaluate(list(cands), self.x_val, self.val_pred)
+        finally:
+            self.deadline = deadline
         return cands
 
     def polish(self, cands, steps):
         """Continue the random search from ``cands`` for ``steps`` steps (e.g. on a repaired model), then validate."""
         if not hasattr(self, "val_pred"):
             self._clean()
-        started = time.perf_counter()
-        self.deadline = started + self.cfg.budget if self.cfg.budget else None
+        self.q0 = self.runner.queries
+        self.deadline = time.perf_counter() + self.cfg.budget if self.cfg.budget else None
         starts = [c.copy() for c in cands]
-        self._evaluate(starts, self.x_search, self.search_pred)
-        rngs = [np.random.RandomState([self.cfg.seed, 7, 100 + c.target]) for c in cands]
-        saved = self.cfg.steps
         try:
-            self.cfg.steps = steps
-            found = self._refine(starts, rngs)
-        finally:
-            self.cfg.steps = saved
-        self._calibrate(found)
-        for c in found:
-            self._validate(c)
+            self._evaluate(starts, self.x_search, self.search_pred)
+            rngs = [np.random.RandomState([self.cfg.seed, 7, 100 + c.target]) for c in cands]
+            found = self._refine(starts, rngs, steps)
+            self._calibrate(found, self.x_val, self.val_pred)
+            self._validate(found, self.x_val, self.val_pred, None)
+        except Truncated:
+            return starts
         return found
 
     def run(self, targets=None):
-        """Search every class (or ``targets``); returns a :class:`Synthesis`."""
+        """Search every class (or ``targets``; with many classes, the suspects and references); a :class:`Synthesis`."""
         started = time.perf_counter()
         self.deadline = started + self.cfg.budget if self.cfg.budget else None
-        q0 = self.runner.queries
+        self.q0 = self.runner.queries
         self._clean()
         # Before any verdict: do the predictions make sense? (on every clean image the search holds)
         self.fit = check_fit(np.concatenate([self.val_logits, self.search_logits])
                              if not np.array_equal(self.val_idx, self.search_idx) else self.val_logits, self.runner.source)
-        targets = list(range(self.classes)) if targets is None else [int(t) for t in targets]
-        results = {t: ClassResult(t) for t in targets}
-        est = len(targets) * len(self.cfg.families) * (self.cfg.steps * len(self.x_search) + len(self.x_val))
-        with Progress(est, "synthesis") as bar:
+        templates = self._templates()
+        plan = self.plan(self.classes if targets is None else len(targets), templates)
+        results, screening = {}, None
+        with Progress(self.queries_budget, "screening") as bar:
+            bar.note = f"{sum(plan['templates'].values())} templates for all {self.classes} classes"
             self.runner.progress = bar
             try:
-                for f, family in enumerate(self.cfg.families):
-                    if self.cfg.budget:  # each family gets its share of the time
-                        self.deadline = started + self.cfg.budget * (f + 1) / len(self.cfg.families)
-                    rng = np.random.RandomState([self.cfg.seed, 1 + f])
-                    starts = self._screen(family, rng)
-                    starts = [starts[t] for t in targets]
-                    rngs = [np.random.RandomState([self.cfg.seed, 1 + f, 100 + t]) for t in targets]
-                    found = self._refine(starts, rngs)
-                    self._calibrate(found)
-                    for cand in found:
-                        fp = self._validate(cand)
-                        results[cand.target].found[family] = cand
-                        if fp is not None:
-                            results[cand.target].fingerprint[family] = fp
-                        log.debug("class %d %s: %s success %.3f size %.4f", cand.target, family, cand.describe(), cand.success, cand.size)
+                bar.advance(self.used())
+                best, facts = self._screen(templates, plan)
+                if targets is None:
+                    suspects, refs = self._choose(facts)
+                    roles = {k: "suspect" for k in suspects} | {k: "reference" for k in refs}
+                    if not refs:
+                        roles = {k: "all" for k in suspects}
+                else:
+                    roles = {int(t): "all" for t in targets}
+                chosen = sorted(roles)
+                screening = {"families": {f: {"templates": facts[f]["templates"], "working_classes": facts[f]["working_classes"]}
+                                          for f in self.families},
+                             "suspects": [k for k in chosen if roles[k] == "suspect"],
+                             "references": [k for k in chosen if roles[k] == "reference"], "classes": self.classes}
+                log.info("screened %d templates for %d classes; refining %d class(es) x %d families, %d steps "
+                         "(%d of %d queries used)", sum(plan["templates"].values()), self.classes, len(chosen),
+                         len(self.families), plan["steps"], self.used(), self.queries_budget)
+                results = {k: ClassResult(k, role=roles[k]) for k in chosen}
+                starts = [best[f][k] for k in chosen for f in self.families]
+                rngs = [np.random.RandomState([self.cfg.seed, 1 + i, 100 + k]) for k in chosen for i, _ in enumerate(self.families)]
+                bar.label, bar.note = "refining", f"{len(chosen)} class(es) x {len(self.families)} families"
+                self._evaluate(starts, self.x_search, self.search_pred)
+                found = self._refine(starts, rngs, plan["steps"], plan["check_reserve"])
+                for c in found:
+                    results[c.target].found[c.family] = c
+                bar.label, bar.note = "checking", f"{len(found)} candidate(s) on {plan['val_images']} held-out images"
+                x_val, val_pred = self.x_val[: plan["val_images"]], self.val_pred[: plan["val_images"]]
+                linf0 = self.clean_linf[: plan["val_images"]] if self.clean_linf is not None else None
+                self._calibrate(found, x_val, val_pred)
+                for c, fp in zip(found, self._validate(found, x_val, val_pred, linf0)):
+                    if fp is not None:
+                        results[c.target].fingerprint[c.family] = fp
+                    log.debug("class %d %s: %s success %.3f size %.4f", c.target, c.family, c.describe(), c.success, c.size)
+            except Truncated:
+                log.warning("the search stopped at its time cap after %d of %d queries", self.used(), self.queries_budget)
             finally:
                 self.runner.progress = None
+        plan["queries_used"] = int(self.used())
         return Synthesis(
-            [results[t] for t in targets],
+            [results[t] for t in sorted(results)],
             self.cfg,
-            self.runner.queries - q0,
+            self.used(),
             time.perf_counter() - started,
             self.truncated,
             self.runner.layers[0].id if self.runner.layers else None,
             self.runner.pre.color,
             self.fit,
+            plan,
+            screening,
         )
 
 
 def variants(cand, shape):
-    """Neighbours of a synthesized trigger that a backdoor likely also answers to (probe augmentation).
-
-    Patch: one row or column cropped off, and shifted by one or two pixels; blend: stronger opacities (the
-    strongest first). Each is a new, unmeasured Candidate.
-    """
-    h, w = shape
-    out = []
-    if cand.family == "patch":
-        y, x, ph, pw = cand.box
-        for top, left, dh, dw in ((1, 0, 1, 0), (0, 0, 1, 0), (0, 1, 0, 1), (0, 0, 0, 1)):  # one row / column less
-            if ph - dh >= 1 and pw - dw >= 1 and (dh or dw) and (ph > 1 if dh else pw > 1):
-                sub = cand.pattern[top : top + ph - dh, left : left + pw - dw]
-                out.append(cand.copy(pattern=sub.copy(), box=(y + top, x + left, ph - dh, pw - dw)))
-        for dy in (-2, -1, 0, 1, 2):
-            for dx in (-2, -1, 0, 1, 2):
-                if (dy or dx) and abs(dy) + abs(dx) <= 2:
-                    ny, nx = int(np.clip(y + dy, 0, h - ph)), int(np.clip(x + dx, 0, w - pw))
-                    if (ny, nx) != (y, x) and all(c.box != (ny, nx, ph, pw) for c in out):
-                        out.append(cand.copy(box=(ny, nx, ph, pw)))
-    else:
-        for factor in (2.0, 1.5):
-            out.append(cand.copy(alpha=float(min(1.0, cand.alpha * factor))))
-    return out
+    """Neighbours of a synthesized trigger that a backdoor likely also answers to (probe augmentation): a patch
+    cropped by a row or column and shifted by a pixel or two; a stronger version of the others. Each is a new,
+    unmeasured Candidate."""
+    return FAMILIES[cand.family].variants(cand, shape)
 
 
 def fingerprint(clean_linf, linf, top=3):
@@ -554,7 +547,8 @@ def fingerprint(clean_linf, linf, top=3):
 
     ``peak_ratio`` is the triggered mean l-inf of the top channel over its clean 99th percentile.
     """
-    rise = linf.mean(0) - clean_linf.mean(0)
+    n = min(len(clean_linf), len(linf))
+    rise = linf[:n].mean(0) - clean_linf[:n].mean(0)
     z = robust_z(rise)
     order = np.argsort(-z, kind="stable")[:top]
     q99 = np.quantile(clean_linf, 0.99, axis=0)

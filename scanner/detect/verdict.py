@@ -27,7 +27,8 @@ import logging
 
 import numpy as np
 
-from scanner.detect.weights import channel_lipschitz
+from scanner.detect.families import FAMILIES
+from scanner.detect.weights import channel_lipschitz, head_signature
 from scanner.graph.audit import level as audit_level
 
 ANOMALY = 2.0
@@ -61,9 +62,7 @@ def anomaly_index(values):
 
 def family_cap(config, family):
     """The largest trigger size the search allows in ``family``."""
-    if family == "patch":
-        return float(config.max_patch) ** 2
-    return float(config.max_alpha)
+    return FAMILIES[family].cap(config)
 
 
 def _log_sizes(sizes, cap):
@@ -80,7 +79,7 @@ def anomaly_against(sizes, cap, size):
 def size_evidence(synthesis):
     """Per family: per-class effective sizes, anomaly indices, median and spread."""
     out = {}
-    for family in synthesis.config.families:
+    for family in synthesis.families:
         cap = family_cap(synthesis.config, family)
         sizes = synthesis.sizes(family)
         index, med, spread = anomaly_index(_log_sizes(sizes, cap))
@@ -152,4 +151,5 @@ def decide(synthesis, ctx=None):
     }
     if ctx is not None:
         out["evidence"]["clp"] = channel_lipschitz(ctx.proto, ctx.layers)
+        out["evidence"]["head_signature"] = head_signature(ctx.proto, ctx.layers)
     return out

@@ -128,6 +128,8 @@ class Runner:
     def stream(self, images, trigger=None, masks=None, norms=True, features=True, batch_size=None):
         """Yield (Batch, Output) over an image set, ``trigger`` stamped on each batch when given."""
         step = int(batch_size or self.batch_size)
+        start = 0  # a trigger at random positions draws them from the image's index in the whole set
         for batch in images.batches(self.pre, step):
-            pixels = batch.pixels if trigger is None else trigger.apply(batch.pixels, color=self.pre.color)
+            pixels = batch.pixels if trigger is None else trigger.apply(batch.pixels, color=self.pre.color, start=start)
+            start += len(batch.pixels)
             yield batch, self.run(pixels, masks, norms, features, step)
