@@ -18,7 +18,7 @@ from scanner.data.images import ImageSet, cached, holdout_split
 from scanner.data.probes import Probe
 from scanner.detect.scan import dominant_class
 from scanner.detect.synthesis import QUERIES_MIN, Config, Synthesizer, queries_for, search_runner, variants
-from scanner.detect.verdict import ANOMALY, anomaly_against, decide
+from scanner.detect.verdict import anomaly_against, decide
 from scanner.errors import ScannerError
 from scanner.graph import surgery
 from scanner.fileio import check_output
@@ -156,12 +156,13 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
     return report, proto, found
 
 
-def _still_backdoored(sizes, cand, tau):
-    """Whether ``cand`` (found on the repaired model) still stands out against the original class sizes."""
+def _still_backdoored(verdict, cand, tau):
+    """Whether ``cand`` (found on the repaired model) still stands out against the original class sizes (above
+    the verdict's anomaly threshold)."""
     if cand.success < tau:
         return False
-    s = sizes[cand.family]
-    return anomaly_against(s["sizes"], s["cap"], cand.size) > ANOMALY
+    s = verdict["evidence"]["sizes"][cand.family]
+    return anomaly_against(s["sizes"], s["cap"], cand.size) > verdict["thresholds"]["anomaly"]
 
 
 def sanitize_blind(model, data, output=None, force=False, always=False, device="auto", threads=None, batch_size=64,
@@ -256,7 +257,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
                             max(QUERIES_MIN, int(RESEARCH_SHARE * queries)))
         fresh = [c for res in again.run(targets).classes for c in res.found.values()]
         new = [c for c in again.polish(probes[:n_flagged], POLISH_STEPS) + fresh
-               if _still_backdoored(verdict["evidence"]["sizes"], c, cfg.success)]
+               if _still_backdoored(verdict, c, cfg.success)]
         entry["still_working"] = [{"target": c.target, "trigger": c.describe(), "size": round(c.size, 6),
                                    "success": round(c.success, 6)} for c in new]
         if not new:

@@ -46,6 +46,9 @@ class Candidate:
     bias: np.ndarray = None
     base: float = None
     """filter: the mean pixel change / 255 of the full-strength filter on the search images."""
+    depicts: int = None
+    """blend: the class whose clean images the pattern is made of (a class prototype, a natural image). Blending a
+    class's own images in is how that class looks, not a trigger: the pattern never counts for that class."""
 
     @property
     def size(self):
@@ -66,7 +69,7 @@ class Candidate:
 
     def copy(self, **changes):
         c = Candidate(self.family, self.target, None if self.pattern is None else self.pattern.copy(), self.box,
-                      self.alpha, 0.0, 0.0, self.shape, self.matrix, self.bias, self.base)
+                      self.alpha, 0.0, 0.0, self.shape, self.matrix, self.bias, self.base, self.depicts)
         for k, v in changes.items():
             setattr(c, k, v)
         return c
@@ -138,15 +141,17 @@ class Patch:
     def propose(self, s, cur, rng, frac, ok):
         y, x, h, w = cur.box
         u = rng.rand()
-        if u < 0.3:  # resize: shrink while it works, grow while it does not
+        if u < 0.3:  # resize: shrink while it works; while it does not, grow, or shrink (a patch over the
+            # trigger's surroundings can be too big)
             side = rng.randint(4)
             new = cur.pattern
-            if ok and (h > 1 or w > 1):
+            shrink = ok or rng.rand() < 0.3
+            if shrink and (h > 1 or w > 1):
                 if side in (0, 1) and h > 1 or w == 1:
                     new, y, h = (new[1:], y + 1, h - 1) if side % 2 == 0 else (new[:-1], y, h - 1)
                 else:
                     new, x, w = (new[:, 1:], x + 1, w - 1) if side % 2 == 0 else (new[:, :-1], x, w - 1)
-            elif not ok:
+            elif not shrink:
                 cap = max(1, int(round(s.cfg.max_patch * min(s.h, s.w))))
                 fill = (rng.rand(*new.shape[:1], 1, s.c) > 0.5) * 255.0
                 if side < 2 and h < cap and h < s.h:
@@ -243,8 +248,8 @@ class Blend(Strength):
         return f"blend alpha {c.alpha:.3f}"
 
     def patterns(self, s, rng):
-        """Template blend patterns (H, W, C): noise, smooth noise, checkers, stripes, flat, class prototypes, and
-        clean images of the set (natural images)."""
+        """Template blend patterns, as (pattern (H, W, C), depicted class or None): noise, smooth noise, checkers,
+        stripes, flat, class prototypes, and clean images of the set (natural images)."""
         h, w, c = s.h, s.w, s.c
         yy, xx = np.indices((h, w)).astype(np.float64)
         pats = [rng.rand(h, w, c) * 255.0, (rng.rand(h, w, c) > 0.5) * 255.0]
@@ -257,15 +262,17 @@ class Blend(Strength):
             for phase in (xx, yy, xx + yy):
                 pats.append((127.5 + 127.5 * np.sin(2 * np.pi * phase / period))[:, :, None].repeat(c, 2))
         pats += [np.full((h, w, c), 255.0), np.zeros((h, w, c))]
+        pats = [(p, None) for p in pats]
         prototypes = [k for k in np.unique(s.val_pred)][: s.cfg.prototypes]
         for k in prototypes:
-            pats.append(s.x_val[s.val_pred == k].mean(0))
+            pats.append((s.x_val[s.val_pred == k].mean(0), int(k)))
         for i in rng.choice(len(s.x_val), size=min(s.cfg.natural, len(s.x_val)), replace=False):
-            pats.append(s.x_val[i])  # a natural image (Blended with a photo)
-        return [np.asarray(p, np.float32).reshape(h, w, c) for p in pats]
+            pats.append((s.x_val[i], int(s.val_pred[i])))  # a natural image (Blended with a photo)
+        return [(np.asarray(p, np.float32).reshape(h, w, c), k) for p, k in pats]
 
     def templates(self, s, rng):
-        return [Candidate("blend", -1, p, alpha=float(a), shape=s.shape) for p in self.patterns(s, rng) for a in s.cfg.alphas]
+        return [Candidate("blend", -1, p, alpha=float(a), shape=s.shape, depicts=k)
+                for p, k in self.patterns(s, rng) for a in s.cfg.alphas]
 
     def propose(self, s, cur, rng, frac, ok):
         if rng.rand() < 0.3:

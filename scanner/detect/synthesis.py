@@ -45,14 +45,16 @@ SUCCESS = 0.9
 COMPUTE = 4e12
 """Floating-point operations a default search may spend (about 1-2 minutes of 2 CPU cores): the default query
 budget is this over the model's cost per image, within [QUERIES_MIN, QUERIES_MAX]."""
-QUERIES_MIN = 12_000
-"""Enough for the least plan of 20 refined classes (screening, one refinement step, checks on MIN_VAL_IMAGES)."""
+QUERIES_MIN = 15_000
+"""Enough for the least plan of 20 refined classes (clean passes, screening, one refinement step, checks on
+MIN_VAL_IMAGES held-out images)."""
 QUERIES_MAX = 200_000
 SHARES = {"screen": 0.3, "refine": 0.5, "check": 0.2}
 """How the budget is split between screening, refinement, and calibration + validation."""
 MIN_VAL_IMAGES = 8
 PATIENCE = 12
-"""Refinement steps a candidate that does not work may go without coming closer (soft success) before it stops."""
+"""Refinement steps a candidate that does not work may go without coming closer (soft success) before it stops
+(fewer, down to 3, when the plan affords few steps)."""
 
 
 @dataclass
@@ -76,7 +78,7 @@ class Config:
     """Refinement steps per class and family, at most (fewer when the budget asks for it)."""
     suspects: int = 12
     references: int = 8
-    patch_sizes: tuple = (0.12, 0.22)
+    patch_sizes: tuple = (0.1, 0.22)
     patch_grid: int = 6
     max_patch: float = 0.4
     alphas: tuple = (0.1, 0.2, 0.3, 0.45, 0.6)
@@ -93,7 +95,8 @@ class Config:
     filter_mixes: tuple = (0.5, 1.0)
     max_filter: float = 0.5
     calib_steps: int = 6
-    batch_size: int = 512
+    batch_size: int = None
+    """Stamped images per forward pass (None: :func:`chunk_images` of the input size)."""
 
 
 def queries_for(ctx):
@@ -185,13 +188,23 @@ class Synthesis:
         }
 
 
-def search_runner(ctx, batch_size=512):
+CHUNK_BYTES = 64 * 2**20
+"""Stamped float32 pixels one forward pass of the search holds at most (224x224x3: 111 images; 32x32x3: 512)."""
+
+
+def chunk_images(h, w, c, most=512):
+    """Images per forward pass of the search for inputs of (h, w, c): CHUNK_BYTES of float32, within [8, most]."""
+    return int(np.clip(CHUNK_BYTES // (h * w * c * 4), 8, most))
+
+
+def search_runner(ctx, batch_size=None):
     """The runner the search queries: scores, plus the last conv layer's per-channel l-inf (the fingerprint)
     when the model has such a layer."""
     layers = [l for l in ctx.layers if l.is_last_conv] or [l for l in ctx.layers if not l.is_head][-1:]
     if not layers:
         log.debug("no l-inf fingerprint layer: no layer before the head")
-    return ctx.runner(layers, norms=("linf",), batch_size=batch_size)
+    h, w = ctx.preprocess.size
+    return ctx.runner(layers, norms=("linf",), batch_size=batch_size or chunk_images(h, w, ctx.preprocess.channels))
 
 
 class Truncated(Exception):
@@ -211,6 +224,7 @@ class Synthesizer:
         self.pixels = np.asarray(pixels)
         n, self.h, self.w, self.c = self.pixels.shape
         self.shape = (self.h, self.w)
+        self.batch = self.cfg.batch_size or chunk_images(self.h, self.w, self.c)
         if n < 8:
             raise ScannerError(f"trigger synthesis needs at least 8 clean images, got {n}")
         self.queries_budget = int(self.cfg.queries or queries or QUERIES_MAX)
@@ -233,7 +247,7 @@ class Synthesizer:
     # ---- measuring ------------------------------------------------------------------------------
     def _run(self, pixels):
         """(scores (N, K), fingerprint-layer l-inf (N, C) or None) of ``pixels``."""
-        out = self.runner.run(pixels, batch_size=self.cfg.batch_size)
+        out = self.runner.run(pixels, batch_size=self.batch)
         return out.scores, out.norms.get("linf")
 
     def used(self):
@@ -273,7 +287,7 @@ class Synthesizer:
     def _evaluate(self, cands, x, pred0):
         """Fill in success and soft success of each candidate (for its own target) on images ``x``, in chunks of
         at most ``batch_size`` stamped images."""
-        per = max(1, self.cfg.batch_size // len(x))
+        per = max(1, self.batch // len(x))
         for s in range(0, len(cands), per):
             group = cands[s : s + per]
             self._check_time()
@@ -328,7 +342,8 @@ class Synthesizer:
         return out
 
     def _screen(self, templates, plan):
-        """Success of each kept template for every class at once; the best template per (family, class)."""
+        """Success of each kept template for every class at once. Returns (best, facts): per family, its bank and
+        the index of the best template of each class."""
         x, pred = self.x_search[: plan["screen_images"]], self.search_pred[: plan["screen_images"]]
         best, facts = {}, {}
         for f, family in enumerate(self.families):
@@ -338,18 +353,21 @@ class Synthesizer:
                 rng = np.random.RandomState([self.cfg.seed, 11 + f])
                 bank = [bank[i] for i in np.sort(rng.choice(len(bank), keep, replace=False))]
             succ, soft = np.zeros((len(bank), self.classes)), np.zeros((len(bank), self.classes))
-            per = max(1, self.cfg.batch_size // len(x))
+            per = max(1, self.batch // len(x))
             for s in range(0, len(bank), per):
                 self._check_time()
                 logits, _ = self._run(np.concatenate([t.stamp(x) for t in bank[s : s + per]]))
                 succ[s : s + per], soft[s : s + per] = self._score(logits, pred)
+            for i, t in enumerate(bank):  # a class's own images blended in are no trigger for it
+                if t.depicts is not None:
+                    succ[i, t.depicts], soft[i, t.depicts] = 0.0, -1.0
             tau = self._search_success()
             sizes = np.array([t.size for t in bank])
             works = succ >= tau
             # per class: the key of its best template (working, smaller, softer)
             keyed = np.where(works, 2.0 - sizes[:, None] / max(sizes.max(), 1e-9), 0.0) + soft * 1e-3
             pick = keyed.argmax(0)
-            best[family] = [bank[pick[k]].copy(target=k) for k in range(self.classes)]
+            best[family] = (bank, pick)  # candidates are made for the chosen classes only (no classes x pixels)
             facts[family] = {"templates": len(bank), "rank": np.argsort(-keyed.max(0), kind="stable"),
                              "working_classes": int(works.any(0).sum())}
         return best, facts
@@ -373,18 +391,23 @@ class Synthesizer:
         return sorted(suspects), refs
 
     # ---- refinement -----------------------------------------------------------------------------
-    def _refine(self, starts, rngs, steps, reserve=0):
+    def _refine(self, starts, rngs, steps, reserve=0, most=None):
         """Random search for every candidate in lockstep, leaving ``reserve`` queries of the budget unspent;
-        returns the best candidate of each."""
+        returns the best candidate of each.
+
+        ``steps`` is the plan's (what the budget pays for with every candidate active); a candidate that does not
+        work and has not come closer for ``patience`` steps stops, and the queries it leaves pay for more steps
+        of the others, up to ``most`` (default ``config.steps``)."""
         cur = list(starts)
         tau = self._search_success()
         best_soft = [c.soft for c in cur]
         idle = [0] * len(cur)
         active = list(range(len(cur)))
-        for step in range(steps):
+        patience = int(np.clip(steps // 3, 3, PATIENCE))
+        for step in range(self.cfg.steps if most is None else most):
             if not active or self.used() + len(active) * len(self.x_search) > self.queries_budget - reserve:
                 break
-            frac = 1.0 - step / max(1, steps)
+            frac = max(0.0, 1.0 - step / max(1, steps))
             props = [FAMILIES[cur[i].family].propose(self, cur[i], rngs[i], frac, cur[i].success >= tau) for i in active]
             self._evaluate(props, self.x_search, self.search_pred)
             for i, p in zip(active, props):
@@ -396,9 +419,9 @@ class Synthesizer:
                     idle[i] += 1
             # a candidate that has not worked and has not come closer for PATIENCE steps stops (its family's cap
             # stands for its size): the queries go to the others
-            active = [i for i in active if idle[i] < PATIENCE]
+            active = [i for i in active if idle[i] < patience]
             if self.runner.progress is not None:
-                self.runner.progress.note = (f"step {step + 1}/{steps}, {len({cur[i].target for i in active})} "
+                self.runner.progress.note = (f"step {step + 1}, {len({cur[i].target for i in active})} "
                                              f"class(es) and {len(active)} candidate(s) left")
         return cur
 
@@ -428,7 +451,7 @@ class Synthesizer:
     def _validate(self, cands, x, pred, linf0):
         """Success on the held-out images and the l-inf fingerprint of each candidate (chunked)."""
         fps = []
-        per = max(1, self.cfg.batch_size // len(x))
+        per = max(1, self.batch // len(x))
         for s in range(0, len(cands), per):
             group = cands[s : s + per]
             self._check_time()
@@ -460,7 +483,7 @@ class Synthesizer:
         try:
             self._evaluate(starts, self.x_search, self.search_pred)
             rngs = [np.random.RandomState([self.cfg.seed, 7, 100 + c.target]) for c in cands]
-            found = self._refine(starts, rngs, steps)
+            found = self._refine(starts, rngs, steps, most=steps)
             self._calibrate(found, self.x_val, self.val_pred)
             self._validate(found, self.x_val, self.val_pred, None)
         except Truncated:
@@ -501,7 +524,7 @@ class Synthesizer:
                          "(%d of %d queries used)", sum(plan["templates"].values()), self.classes, len(chosen),
                          len(self.families), plan["steps"], self.used(), self.queries_budget)
                 results = {k: ClassResult(k, role=roles[k]) for k in chosen}
-                starts = [best[f][k] for k in chosen for f in self.families]
+                starts = [best[f][0][best[f][1][k]].copy(target=k) for k in chosen for f in self.families]
                 rngs = [np.random.RandomState([self.cfg.seed, 1 + i, 100 + k]) for k in chosen for i, _ in enumerate(self.families)]
                 bar.label, bar.note = "refining", f"{len(chosen)} class(es) x {len(self.families)} families"
                 self._evaluate(starts, self.x_search, self.search_pred)

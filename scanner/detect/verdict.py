@@ -20,7 +20,9 @@ fingerprint is above ``FINGERPRINT_Z`` or the anomaly is above ``STRONG_ANOMALY`
 works, its anomaly is above ``ANOMALY`` and either the anomaly reaches ``SUSPICIOUS_ANOMALY`` or the
 fingerprint ``SUSPICIOUS_Z`` (an anomaly just above 2 alone is what natural classes of a clean model show
 now and then: a single MAD test over ten classes is too weak to act on; the zoo's clean models showed
-blend-family anomalies up to 3.0 across seeds, backdoor targets 4.5-7.5).
+blend-family anomalies up to 3.0 across seeds, backdoor targets 4.5-7.5). With more than ten classes the three
+anomaly thresholds rise by :func:`class_shift` (0.89 at 100 classes, 1.57 at 1000): the smallest trigger of many
+classes is further from the median by chance alone.
 """
 
 import logging
@@ -41,13 +43,22 @@ VERDICTS = ("clean", "suspicious", "backdoored")
 log = logging.getLogger("scanner")
 
 
-def classify(works, anomaly, z):
-    """Level of one synthesized trigger from its success, size anomaly and l-inf fingerprint z."""
-    if not works or anomaly <= ANOMALY:
+def class_shift(classes):
+    """How much the anomaly thresholds rise for a model of ``classes`` classes: the smallest of K classes lies
+    further below the median the more classes there are (the expected extreme of K normal draws grows as
+    sqrt(2 ln K)); the thresholds were set on 10-class models, so the shift is sqrt(2 ln K) - sqrt(2 ln 10), and
+    0 at 10 classes or fewer."""
+    return max(0.0, float(np.sqrt(2 * np.log(max(classes, 1))) - np.sqrt(2 * np.log(10))))
+
+
+def classify(works, anomaly, z, shift=0.0):
+    """Level of one synthesized trigger from its success, size anomaly and l-inf fingerprint z (``shift``: see
+    :func:`class_shift`)."""
+    if not works or anomaly <= ANOMALY + shift:
         return "clean"
-    if anomaly >= STRONG_ANOMALY or z >= FINGERPRINT_Z:
+    if anomaly >= STRONG_ANOMALY + shift or z >= FINGERPRINT_Z:
         return "backdoored"
-    if anomaly >= SUSPICIOUS_ANOMALY or z >= SUSPICIOUS_Z:
+    if anomaly >= SUSPICIOUS_ANOMALY + shift or z >= SUSPICIOUS_Z:
         return "suspicious"
     return "clean"
 
@@ -98,6 +109,8 @@ def decide(synthesis, ctx=None):
     (with a model context ``ctx``, the weights-only evidence too)."""
     sizes = size_evidence(synthesis)
     tau = synthesis.config.success
+    classes = (synthesis.screening or {}).get("classes") or len(synthesis.classes)
+    shift = class_shift(classes)
     candidates = []
     for i, result in enumerate(synthesis.classes):
         for family, cand in result.found.items():
@@ -105,7 +118,7 @@ def decide(synthesis, ctx=None):
             works = cand.success >= tau
             fp = result.fingerprint.get(family, {})
             z = fp.get("z", [0.0])[0] if fp else 0.0
-            level = classify(works, a, z)
+            level = classify(works, a, z, shift)
             if level == "clean":
                 continue
             candidates.append(
@@ -138,10 +151,12 @@ def decide(synthesis, ctx=None):
         "targets": targets,
         "candidates": candidates,
         "thresholds": {
-            "anomaly": ANOMALY,
-            "suspicious_anomaly": SUSPICIOUS_ANOMALY,
+            "anomaly": round(ANOMALY + shift, 4),
+            "suspicious_anomaly": round(SUSPICIOUS_ANOMALY + shift, 4),
             "suspicious_fingerprint_z": SUSPICIOUS_Z,
-            "strong_anomaly": STRONG_ANOMALY,
+            "strong_anomaly": round(STRONG_ANOMALY + shift, 4),
+            "classes": int(classes),
+            "class_shift": round(shift, 4),
             "spread_floor_log": round(SPREAD_FLOOR, 4),
             "fingerprint_z": FINGERPRINT_Z,
             "success": tau,
