@@ -51,7 +51,9 @@ def cell(code, out, err, seconds):
         report = {}
     what = report.get("outcome") or (report.get("models") or [{}])[0].get("status") or ""
     if code == 2:
-        what = lines[-1].split(": error: ")[-1][:60] if lines else ""
+        errors = [m.get("error") for m in report.get("models", []) if m.get("error")]
+        what = errors[0] if errors else lines[-1].split(": error: ")[-1] if lines else ""
+        what = what.split(".onnx: ", 1)[-1][:70]
     return f"exit {code} {what} ({seconds:.0f}s)".replace("  ", " ")
 
 
