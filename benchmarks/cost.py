@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
@@ -32,10 +33,10 @@ import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 import thirdparty as tp  # noqa: E402
+from results import write_section  # noqa: E402
 
 MODELS = ROOT / "models"
 RGB = MODELS / "rgb"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- cost: begin -->", "<!-- cost: end -->"
 
 
@@ -133,12 +134,7 @@ def main():
         "", *table, "", END])
     print(text)
     if args.write_results:
-        old = RESULTS.read_text()
-        if BEGIN in old:
-            old = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
-        else:
-            old = old.rstrip() + "\n\n" + text + "\n"
-        RESULTS.write_text(old)
+        write_section(text, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,21 @@
-"""Efficacy of `scanner sanitize` without --probe (synthesized triggers) on every zoo model.
+"""Efficacy of `scanner sanitize` without --probe (synthesized triggers, blind) on the zoo models.
 
-For each model in models/manifest.json: run the CLI with only models/data/clean (the defender's 1,000
-unlabeled images), time it, then measure on the FULL Fashion-MNIST 10k test set (IDX files read directly):
-clean accuracy and the real trigger's attack success rate, before and after. Writes the table to stdout
-and replaces the "Trigger synthesis" section of benchmarks/RESULTS.md (other sections are kept).
+Grayscale zoo (``--zoo gray``, the default): each model of models/manifest.json is sanitized by the CLI with
+only models/data/clean (the defender's 1,000 unlabeled images), timed, then measured on the FULL Fashion-MNIST
+10k test set (IDX files read directly): clean accuracy and the real trigger's attack success rate, before and
+after. Section "Trigger synthesis" of benchmarks/RESULTS.md.
 
-    python benchmarks/efficacy_synthesis.py [--models NAME ...] [--budget 55] [--seed 0] [--no-write]
+RGB zoo (``--zoo rgb``): each model of models/rgb/manifest.json is sanitized with only
+models/rgb/data/<dataset>_clean.npz (1,000 unlabeled images), then measured on the committed 2,000-image test
+sample models/rgb/data/<dataset>_test.npz with the definitions of tests/test_zoo_rgb.py: one row per (model,
+trigger). Section between ``<!-- efficacy-rgb: begin -->`` and ``<!-- efficacy-rgb: end -->``.
+
+The search runs on the model's default query budget (``--queries`` not passed) with no time cap
+(``--budget 0``), unless --queries / --budget say otherwise. Tables go to stdout, progress to stderr; each
+section of benchmarks/RESULTS.md is replaced between its markers (other sections are kept) unless --no-write.
+
+    python benchmarks/efficacy_synthesis.py [--zoo gray|rgb|all] [--models NAME ...] [--queries N] [--budget 0]
+                                            [--seed 0] [--no-write]
 """
 
 import argparse
@@ -14,6 +24,7 @@ import gzip
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -33,6 +44,12 @@ DATASET = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 BEGIN = "<!-- efficacy_synthesis: begin -->"
 END = "<!-- efficacy_synthesis: end -->"
+RGB = ROOT / "models" / "rgb"
+RGB_BEGIN = "<!-- efficacy-rgb: begin -->"
+RGB_END = "<!-- efficacy-rgb: end -->"
+RGB_MAX_ASR = 0.10  # the RGB goal: ASR after <= 10% ...
+RGB_MAX_DROP = 0.03  # ... and clean accuracy down by at most 3 points
+THREADS = 2
 
 
 def read_idx(path):
@@ -52,7 +69,7 @@ def test_set():
 
 def predict(path, pixels):
     """Predicted classes of the model at ``path`` on uint8 pixels (N, H, W, C), with its own preprocessing."""
-    return ModelContext.open(path, device="cpu", threads=2).runner(batch_size=1000).run(pixels).preds
+    return ModelContext.open(path, device="cpu", threads=THREADS).runner(batch_size=1000).run(pixels).preds
 
 
 def metrics(path, x, y, trigger, target):
@@ -66,29 +83,55 @@ def metrics(path, x, y, trigger, target):
     return acc, asr, float((pred[keep] == target).mean())
 
 
-def run_model(entry, x, y, budget, seed, workdir):
-    model = ROOT / "models" / entry["file"]
-    out = Path(workdir) / f"{entry['name']}.sanitized.onnx"
-    report_path = Path(workdir) / f"{entry['name']}.report.json"
-    cmd = [sys.executable, "-m", "scanner", "-q", "sanitize", str(model), "--data", str(ROOT / "models/data/clean"),
-           "-o", str(out), "--report", str(report_path), "--budget", str(budget), "--seed", str(seed), "--threads", "2",
+def search_flags(args):
+    """The CLI's search-budget flags: ``--queries`` only when given (else the model's default), ``--budget``
+    seconds as the safety cap (0: none)."""
+    flags = ["--budget", f"{args.budget:g}"]
+    if args.queries is not None:
+        flags += ["--queries", str(args.queries)]
+    return flags
+
+
+def sanitize(model, data, name, args, workdir):
+    """Run ``scanner sanitize`` without a probe; return (exit code, report or None, seconds, sanitized path,
+    stderr tail)."""
+    out = Path(workdir) / f"{name}.sanitized.onnx"
+    report_path = Path(workdir) / f"{name}.report.json"
+    cmd = [sys.executable, "-m", "scanner", "-q", "sanitize", str(model), "--data", str(data), "-o", str(out),
+           "--report", str(report_path), *search_flags(args), "--seed", str(args.seed), "--threads", str(THREADS),
            "--force"]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
-    if proc.returncode not in (0, 1):
-        raise RuntimeError(f"{entry['name']}: exit {proc.returncode}: {proc.stderr[-800:]}")
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text()) if proc.returncode in (0, 1, 4) and report_path.exists() else None
+    return proc.returncode, report, seconds, out, proc.stderr[-800:]
+
+
+def search_facts(report):
+    """The trigger search's queries used, planned, and whether the time cap cut it short."""
+    synth = report["evidence"]["synthesis"]
+    return {"queries": synth["queries"], "queries_planned": (synth.get("plan") or {}).get("queries"),
+            "truncated": bool(synth["truncated"])}
+
+
+def run_model(entry, x, y, args, workdir):
+    model = ROOT / "models" / entry["file"]
+    rc, report, seconds, out, err = sanitize(model, ROOT / "models/data/clean", entry["name"], args, workdir)
+    if report is None:
+        raise RuntimeError(f"{entry['name']}: exit {rc}: {err}")
     trigger = Trigger.load(ROOT / "models" / entry["trigger"]) if entry.get("trigger") else None
     target = entry.get("target")
     acc0, asr0, _ = metrics(model, x, y, trigger, target)
-    acc1, asr1, natural = (acc0, asr0, None) if proc.returncode == 0 else metrics(out, x, y, trigger, target)
+    removed = report.get("outcome") == "removed" and out.exists()
+    # nothing found / not removed: no model is written, the model in use stays the original one
+    acc1, asr1, natural = metrics(out, x, y, trigger, target) if removed else (acc0, asr0, None)
     repair = report.get("repair", {})
     return {
         "name": entry["name"],
         "attack": entry["attack"],
         "target": target,
-        "exit": proc.returncode,
+        "exit": rc,
+        "outcome": report.get("outcome"),
         "verdict": report["verdict"],
         "found": report["targets"],
         "acc_before": acc0,
@@ -98,7 +141,7 @@ def run_model(entry, x, y, budget, seed, workdir):
         "natural": natural,
         "agreement": repair.get("after", {}).get("agreement"),
         "seconds": seconds,
-        "truncated": report["evidence"]["synthesis"]["truncated"],
+        **search_facts(report),
         "flagged": [f"{c['family']} {c['trigger']} ({c['success']:.0%})" for c in report["candidates"] if c["level"] == report["verdict"]][:2],
     }
 
@@ -138,47 +181,79 @@ def pct(v):
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
+def queries_cell(r):
+    if r.get("queries") is None:
+        return "-"
+    planned = r.get("queries_planned")
+    return f"{r['queries']:,}" + (f" / {planned:,}" if planned is not None else "")
+
+
 def table(rows):
     lines = [
-        "| model | attack | true target | verdict | target(s) found | ASR before | ASR after | no-trigger rate after | clean acc before | clean acc after | agreement (clean set, CV) | time (s) | meets targets |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | attack | true target | verdict | target(s) found | ASR before | ASR after | no-trigger rate after | clean acc before | clean acc after | agreement (clean set, CV) | queries (used / planned) | time (s) | meets targets |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         found = ", ".join(str(t) for t in r["found"]) or "-"
         tgt = "-" if r["target"] is None else str(r["target"])
         lines.append(
             f"| {r['name']} | {r['attack']} | {tgt} | {r['verdict']} | {found} | {pct(r['asr_before'])} | {pct(r['asr_after'])} | {pct(r['natural'])} | "
-            f"{pct(r['acc_before'])} | {pct(r['acc_after'])} | {pct(r['agreement'])} | {r['seconds']:.1f}"
-            f"{' (budget hit)' if r['truncated'] else ''} | {'yes' if goal(r) else 'NO'} |"
+            f"{pct(r['acc_before'])} | {pct(r['acc_after'])} | {pct(r['agreement'])} | {queries_cell(r)} | {r['seconds']:.1f}"
+            f"{' (time cap hit)' if r['truncated'] else ''} | {'yes' if goal(r) else 'NO'} |"
         )
     return "\n".join(lines)
 
 
-def section(rows, args, total):
+def machine():
+    """'N CPU cores (model), platform' of this machine."""
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    return f"{os.cpu_count()} CPU cores ({cpu}), {platform.platform()}"
+
+
+def load_average():
+    return ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def budget_text(args):
+    queries = f"--queries {args.queries}" if args.queries is not None else "the model's default query budget (no --queries)"
+    cap = "no time cap (--budget 0)" if args.budget == 0 else f"time cap --budget {args.budget:g} s"
+    return f"{queries}, {cap}"
+
+
+def command_text(argv):
+    return "python benchmarks/efficacy_synthesis.py" + (" " + shlex.join(argv) if argv else "")
+
+
+def cli_text(data, args):
+    return (f"scanner sanitize MODEL --data {data} -o OUT --report R {shlex.join(search_flags(args))} --seed {args.seed} "
+            f"--threads {THREADS}")
+
+
+def section(rows, args, total, argv):
     misses = [r["name"] for r in rows if not goal(r)]
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return "\n".join(
         [
             BEGIN,
             "## Trigger synthesis: `scanner sanitize` without a probe (issue 5)",
             "",
-            f"Measured {datetime.date.today().isoformat()} on {os.cpu_count()} CPU cores ({cpu}), onnxruntime CPU, "
-            f"Python {platform.python_version()}; budget {args.budget:g} s, seed {args.seed}; total {total:.0f} s; "
-            f"load average at the end {load} (other jobs shared the cores: times are upper bounds).",
-            "Command: `python benchmarks/efficacy_synthesis.py` (each model: `scanner sanitize MODEL --data models/data/clean "
-            f"-o OUT --report R --budget {args.budget:g} --seed {args.seed} --threads 2`, timed end to end including start-up).",
-            "The scanner sees only the 1,000 unlabeled clean images; ASR (images whose true class is not the target, real "
-            "trigger stamped with `Trigger.apply`) and clean accuracy are on the full 10k Fashion-MNIST test set.",
-            "Targets (issue 5): every backdoored model flagged with its true target, no clean model flagged, ASR after <= 2% "
-            "(patch) / <= 10% (blend, sinusoid), clean-accuracy loss <= 2 points, <= 60 s per model. \"no-trigger rate "
-            "after\": the sanitized model's rate of predicting the target for clean non-target images (the floor any ASR "
-            "measurement has). \"agreement\": the repair's cross-validated agreement with the original model on the "
-            "clean set.",
+            (f"Measured {datetime.date.today().isoformat()} on {machine()}, onnxruntime CPU, "
+             f"Python {platform.python_version()}; {budget_text(args)}, seed {args.seed}; total {total:.0f} s; "
+             f"load average at the end {load_average()} (other jobs shared the cores: times are upper bounds)."),
+            (f"Command: `{command_text(argv)}` (each model: `{cli_text('models/data/clean', args)}`, timed end to end "
+             "including start-up)."),
+            ("The scanner sees only the 1,000 unlabeled clean images; ASR (images whose true class is not the target, real "
+             "trigger stamped with `Trigger.apply`) and clean accuracy are on the full 10k Fashion-MNIST test set."),
+            ("Targets (issue 5): every backdoored model flagged with its true target, no clean model flagged, ASR after <= 2% "
+             "(patch) / <= 10% (blend, sinusoid), clean-accuracy loss <= 2 points, <= 60 s per model. \"no-trigger rate "
+             "after\": the sanitized model's rate of predicting the target for clean non-target images (the floor any ASR "
+             "measurement has). \"agreement\": the repair's cross-validated agreement with the original model on the "
+             "clean set. \"queries\": forward passes the trigger search used / its plan; \"time cap hit\": the search was "
+             "cut short by --budget."),
             "",
             table(rows),
             "",
@@ -188,37 +263,275 @@ def section(rows, args, total):
     )
 
 
-def write_section(text):
+# ---------------------------------------------------------------------------------------------- the RGB zoo
+
+
+def rgb_entries():
+    path = RGB / "manifest.json"
+    if not path.exists():
+        raise SystemExit("models/rgb/manifest.json missing: build the RGB zoo (python -m models.recipes.rgb)")
+    return json.loads(path.read_text())["models"]
+
+
+_RGB_SAMPLES = {}
+
+
+def rgb_sample(dataset):
+    """The committed test sample of ``dataset``: (uint8 images N, H, W, 3; int64 labels)."""
+    if dataset not in _RGB_SAMPLES:
+        with np.load(RGB / "data" / f"{dataset}_test.npz") as z:
+            _RGB_SAMPLES[dataset] = (z["images"], z["labels"].astype(np.int64))
+    return _RGB_SAMPLES[dataset]
+
+
+def rgb_asr(path, entry, trig, target, x, y):
+    """Attack success rate of ``trig`` on the model at ``path``, as tests/test_zoo_rgb.py defines it: all-to-all
+    over all images, success = predicted (y + 1) mod classes; source-specific over the source class's images;
+    otherwise over the images whose label is not the target."""
+    if entry.get("attack_params", {}).get("all_to_all"):
+        return float((predict(path, trig.apply(x)) == (y + 1) % entry["classes"]).mean())
+    if entry.get("source_class") is not None:
+        src = y == entry["source_class"]
+        return float((predict(path, trig.apply(x[src])) == target).mean())
+    keep = y != target
+    return float((predict(path, trig.apply(x[keep])) == target).mean())
+
+
+def rgb_measure(path, entry, triggers, x, y):
+    """(clean accuracy, [ASR per trigger]) of the model at ``path`` on the test sample."""
+    acc = float((predict(path, x) == y).mean())
+    return acc, [rgb_asr(path, entry, trig, t["target"], x, y) for trig, t in triggers]
+
+
+def rgb_run_model(entry, args, workdir):
+    """Sanitize one RGB zoo model blind; return its rows (one per trigger, one for a clean model)."""
+    model = RGB / entry["file"]
+    data = RGB / "data" / f"{entry['dataset']}_clean.npz"
+    x, y = rgb_sample(entry["dataset"])
+    triggers = [(Trigger.load(RGB / t["file"]), t) for t in entry["triggers"]]
+    base = {"name": entry["name"], "split": entry["split"], "attack": entry["attack"], "dataset": entry["dataset"],
+            "classes": entry["classes"], "all_to_all": bool(entry.get("attack_params", {}).get("all_to_all")),
+            "source": entry.get("source_class"), "true_targets": list(entry.get("targets") or [])}
+    rc, report, seconds, out, err = sanitize(model, data, entry["name"], args, workdir)
+    acc0, asr0 = rgb_measure(model, entry, triggers, x, y)
+    if abs(acc0 - entry["sample_clean_accuracy"]) > 1e-9:
+        print(f"{entry['name']}: clean accuracy {acc0:.4%} here, {entry['sample_clean_accuracy']:.4%} in the manifest",
+              file=sys.stderr)
+    for a, (_, t) in zip(asr0, triggers):
+        if abs(a - t["sample_attack_success_rate"]) > 1e-9:
+            print(f"{entry['name']}: {t['file']} ASR {a:.4%} here, {t['sample_attack_success_rate']:.4%} in the manifest",
+                  file=sys.stderr)
+    common = {**base, "exit": rc, "seconds": seconds, "acc_before": acc0}
+    if report is None:  # the command failed: a row that says so, the measurements before only
+        common.update(error=f"exit {rc}: {err.strip().splitlines()[-1] if err.strip() else 'no message'}",
+                      verdict="error", found=[], outcome="error", queries=None, queries_planned=None, truncated=False,
+                      acc_after=None)
+    else:
+        common.update(error=None, verdict=report["verdict"], found=list(report["targets"]), outcome=report.get("outcome"),
+                      **search_facts(report))
+    removed = report is not None and common["outcome"] == "removed" and out.exists()
+    if removed:
+        acc1, asr1 = rgb_measure(out, entry, triggers, x, y)
+    elif report is not None:  # nothing found / not removed: no model written, the original model stays in use
+        acc1, asr1 = acc0, asr0
+    else:
+        acc1, asr1 = None, [None] * len(triggers)
+    common["acc_after"] = acc1
+    if not triggers:
+        return [{**common, "trigger": None, "target": None, "kind": None, "asr_before": None, "asr_after": None}]
+    return [{**common, "trigger": t["file"], "target": t["target"], "kind": t["kind"], "asr_before": a0, "asr_after": a1}
+            for (_, t), a0, a1 in zip(triggers, asr0, asr1)]
+
+
+def rgb_right_target(r):
+    """Whether the row's target was flagged (None for a clean model). All-to-all has every class as a target
+    (y -> y + 1): any flagged class is one of them."""
+    if r["attack"] == "none":
+        return None
+    if r["verdict"] in ("clean", "error"):
+        return False
+    return bool(r["found"]) if r["all_to_all"] else r["target"] in r["found"]
+
+
+def rgb_goal(r):
+    """The RGB goal of a backdoored row: flagged with the right target, ASR after <= 10%, clean accuracy down by
+    <= 3 points. A clean model's row: not flagged."""
+    if r["attack"] == "none":
+        return r["verdict"] == "clean"
+    return bool(rgb_right_target(r) and r["asr_after"] is not None and r["asr_after"] <= RGB_MAX_ASR
+                and r["acc_after"] is not None and r["acc_before"] - r["acc_after"] <= RGB_MAX_DROP + 1e-12)
+
+
+def rgb_true_target(r):
+    if r["attack"] == "none":
+        return "-"
+    if r["all_to_all"]:
+        return "all (y -> y+1)"
+    if r["source"] is not None:
+        return f"{r['source']} -> {r['target']}"
+    return str(r["target"])
+
+
+def yes_no(v):
+    return "-" if v is None else ("yes" if v else "NO")
+
+
+def rgb_table(rows):
+    lines = [
+        "| model | split | attack | trigger | true target | verdict | flagged targets | right target | clean acc before | clean acc after | ASR before | ASR after | outcome | queries (used / planned) | time (s) | time cap hit | meets goal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        found = ", ".join(str(t) for t in r["found"]) or "-"
+        trig = "-" if r["trigger"] is None else f"{Path(r['trigger']).stem} ({r['kind']})"
+        if r["attack"] == "none":
+            meets = "not flagged" if r["verdict"] == "clean" else ("ERROR" if r["verdict"] == "error" else "FLAGGED (wrongly)")
+        else:
+            meets = "yes" if rgb_goal(r) else "NO"
+        outcome = r["outcome"] if not r.get("error") else f"error ({r['error'][:120]})"
+        lines.append(
+            f"| {r['name']} | {r['split']} | {r['attack']} | {trig} | {rgb_true_target(r)} | {r['verdict']} | {found} | "
+            f"{yes_no(rgb_right_target(r))} | {pct(r['acc_before'])} | {pct(r['acc_after'])} | {pct(r['asr_before'])} | "
+            f"{pct(r['asr_after'])} | {outcome} | {queries_cell(r)} | {r['seconds']:.1f} | {'yes' if r['truncated'] else 'no'} | {meets} |"
+        )
+    return "\n".join(lines)
+
+
+def rgb_totals(rows):
+    """(backdoored models meeting the goal, backdoored models, clean models flagged, clean models, missed names); a
+    model whose command failed is a miss (backdoored) or not counted as flagged (clean: it is listed as an error)."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["name"], []).append(r)
+    bad = {n: rs for n, rs in by.items() if rs[0]["attack"] != "none"}
+    clean = {n: rs for n, rs in by.items() if rs[0]["attack"] == "none"}
+    met = [n for n, rs in bad.items() if all(rgb_goal(r) for r in rs)]
+    flagged = [n for n, rs in clean.items() if rs[0]["verdict"] not in ("clean", "error")]
+    misses = [n for n in bad if n not in met]
+    return met, bad, flagged, clean, misses
+
+
+def rgb_section(rows, args, total, argv):
+    met, bad, flagged, clean, misses = rgb_totals(rows)
+    datasets = sorted({r["dataset"] for r in rows})
+    data = "models/rgb/data/<dataset>_clean.npz" if len(datasets) != 1 else f"models/rgb/data/{datasets[0]}_clean.npz"
+    errors = sorted({r["name"] for r in rows if r.get("error")})
+    return "\n".join(
+        [
+            RGB_BEGIN,
+            "## Trigger synthesis on the RGB zoo: `scanner sanitize` without a probe",
+            "",
+            (f"Measured {datetime.date.today().isoformat()} on {machine()}, onnxruntime CPU, "
+             f"Python {platform.python_version()}; {budget_text(args)}, seed {args.seed}; total {total:.0f} s; "
+             f"load average at the end {load_average()} (other jobs may have shared the cores: times are upper bounds)."),
+            f"Command: `{command_text(argv)}` (each model: `{cli_text(data, args)}`, timed end to end including start-up).",
+            ("The scanner sees only the 1,000 unlabeled clean images of `models/rgb/data/<dataset>_clean.npz`, no trigger; "
+             "clean accuracy and ASR are on the committed 2,000-image test sample `models/rgb/data/<dataset>_test.npz` "
+             "(the real trigger stamped with `Trigger.apply`), with the definitions of `tests/test_zoo_rgb.py`: ASR over the "
+             "images whose label is not the target; all-to-all over all images, success = predicted `(y + 1) mod classes`; "
+             "source-specific (`S -> T`) over the images of the source class only. One row per (model, trigger)."),
+            (f"Goal (a backdoored model meets it when every one of its rows does): flagged with the right target (all-to-all: "
+             f"flagged at all, every class is a target), ASR after <= {RGB_MAX_ASR:.0%}, clean accuracy down by at most "
+             f"{100 * RGB_MAX_DROP:.0f} points; a clean model must not be flagged. \"outcome\": the report's (removed: the "
+             "sanitized model was written and is the one measured after; not_removed / nothing_found: no model written, so "
+             "\"after\" is the original model). \"queries\": forward passes the trigger search used / its plan; \"time cap "
+             "hit\": the search was cut short by --budget."),
+            "",
+            rgb_table(rows),
+            "",
+            (f"Totals: {len(met)} of {len(bad)} backdoored models meet the goal; {len(flagged)} of {len(clean)} clean models "
+             f"flagged{' (' + ', '.join(flagged) + ')' if flagged else ''}."),
+            f"Misses: {', '.join(misses) if misses else 'none'}."
+            + (f" Errors (the command failed): {', '.join(errors)}." if errors else ""),
+            RGB_END,
+        ]
+    )
+
+
+def write_section(text, begin=BEGIN, end=END):
+    """Replace the text between ``begin`` and ``end`` in RESULTS.md (append it when the markers are missing)."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) :]
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + text + old[old.index(end) + len(end) :]
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     RESULTS.write_text(new)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="*", help="zoo model names (default: all in the manifest)")
-    ap.add_argument("--budget", type=float, default=55.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-write", action="store_true", help="print the table only; leave RESULTS.md alone")
-    args = ap.parse_args(argv)
+def run_gray(args, argv, tmp):
     entries = [e for e in zoo_entries() if not args.models or e["name"] in args.models]
+    if not entries:
+        return None
     x, y = test_set()
     rows = []
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="efficacy-") as tmp:
-        for e in entries:
-            row = run_model(e, x, y, args.budget, args.seed, tmp)
+    for e in entries:
+        row = run_model(e, x, y, args, tmp)
+        rows.append(row)
+        print(f"{row['name']}: {row['verdict']} {row['found']} ASR {pct(row['asr_before'])} -> {pct(row['asr_after'])}, "
+              f"acc {pct(row['acc_before'])} -> {pct(row['acc_after'])}, {row['seconds']:.1f}s, {queries_cell(row)} queries"
+              f"{' (time cap hit)' if row['truncated'] else ''} {row['flagged']}", file=sys.stderr, flush=True)
+    return section(rows, args, time.perf_counter() - started, argv)
+
+
+def run_rgb(args, argv, tmp):
+    entries = [e for e in rgb_entries() if not args.models or e["name"] in args.models]
+    if not entries:
+        return None
+    rows = []
+    started = time.perf_counter()
+    for e in entries:
+        for row in rgb_run_model(e, args, tmp):
             rows.append(row)
-            print(f"{row['name']}: {row['verdict']} {row['found']} ASR {pct(row['asr_before'])} -> {pct(row['asr_after'])}, "
-                  f"acc {pct(row['acc_before'])} -> {pct(row['acc_after'])}, {row['seconds']:.1f}s {row['flagged']}",
+            print(f"{row['name']} [{row['trigger'] or '-'}]: {row['verdict']} {row['found']} ({row['outcome']}) "
+                  f"ASR {pct(row['asr_before'])} -> {pct(row['asr_after'])}, acc {pct(row['acc_before'])} -> "
+                  f"{pct(row['acc_after'])}, {row['seconds']:.1f}s, {queries_cell(row)} queries"
+                  f"{' (time cap hit)' if row['truncated'] else ''}" + (f" {row['error']}" if row.get("error") else ""),
                   file=sys.stderr, flush=True)
-    text = section(rows, args, time.perf_counter() - started)
-    print(text)
+    return rgb_section(rows, args, time.perf_counter() - started, argv)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", choices=("gray", "rgb", "all"), default="gray",
+                    help="gray: models/manifest.json (Fashion-MNIST); rgb: models/rgb/manifest.json; all: both [gray]")
+    ap.add_argument("--models", nargs="*", help="zoo model names (default: all in the manifest(s))")
+    ap.add_argument("--queries", type=int, default=None,
+                    help="passed to the CLI as --queries N (forward passes of the search) [default: not passed, the "
+                         "model's default]")
+    ap.add_argument("--budget", type=float, default=0.0,
+                    help="passed to the CLI as --budget S: seconds, a safety cap on each search (0: none) [0]")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-write", action="store_true", help="print the table(s) only; leave RESULTS.md alone")
+    args = ap.parse_args(argv)
+    if args.queries is not None and args.queries < 100:
+        ap.error("--queries must be at least 100 (the CLI's minimum)")
+    if args.budget < 0:
+        ap.error("--budget must be >= 0")
+    if args.models:
+        known = set()
+        if args.zoo in ("gray", "all"):
+            known |= {e["name"] for e in zoo_entries()}
+        if args.zoo in ("rgb", "all"):
+            known |= {e["name"] for e in rgb_entries()}
+        unknown = [m for m in args.models if m not in known]
+        if unknown:
+            ap.error(f"not in the {args.zoo} zoo manifest(s): {', '.join(unknown)}")
+    texts = []
+    with tempfile.TemporaryDirectory(prefix="efficacy-") as tmp:
+        if args.zoo in ("gray", "all"):
+            text = run_gray(args, argv, tmp)
+            if text is not None:
+                texts.append((text, BEGIN, END))
+        if args.zoo in ("rgb", "all"):
+            text = run_rgb(args, argv, tmp)
+            if text is not None:
+                texts.append((text, RGB_BEGIN, RGB_END))
+    print("\n\n".join(t for t, _, _ in texts))
     if not args.no_write:
-        write_section(text)
+        for text, begin, end in texts:
+            write_section(text, begin, end)
     return 0
 
 

@@ -22,16 +22,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 import onnx  # noqa: E402
 
 import thirdparty as tp  # noqa: E402
+from results import write_section  # noqa: E402
 
 CLEAN = ROOT / "models" / "data" / "clean"
 TRIGGER = ROOT / "models" / "triggers" / "badnets_3x3.json"
 DATA = ROOT / "tests" / "data" / "thirdparty"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- thirdparty: begin -->", "<!-- thirdparty: end -->"
 
 
@@ -100,12 +101,7 @@ def main():
         "'degenerate predictions' (random weights).", "", *table, "", END])
     print(text)
     if args.write_results:
-        old = RESULTS.read_text()
-        if BEGIN in old:
-            old = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
-        else:
-            old = old.rstrip() + "\n\n" + text + "\n"
-        RESULTS.write_text(old)
+        write_section(text, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -220,6 +220,17 @@ def model_output_options(fn):
     return click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)(fn)
 
 
+def _repair_outcome(report, report_out, fmt, model):
+    """Write a repair report (``--report`` file, JSON on stdout) and return the exit code of its outcome."""
+    from scanner.report.tables import to_json
+
+    if report_out:
+        emit(to_json(report), report_out, True, [model])
+    if fmt == "json":
+        emit(to_json(report))
+    return EXIT_OF_OUTCOME[report["outcome"]]
+
+
 @cli.command("prune")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(), help="Clean images (labeled DIR/<class>/... gives accuracy).")
@@ -244,7 +255,7 @@ def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, tar
     """
     from scanner.commands.prune import prune_model
     from scanner.fileio import check_output
-    from scanner.report.tables import repair_table, to_json
+    from scanner.report.tables import repair_table
 
     if report_out:
         check_output(report_out, force, [model])
@@ -255,11 +266,7 @@ def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, tar
     report, _ = prune_model(ctx, data, probe, model_out, layers, count, ratio, max_drop, force, device, threads,
                             batch_size, limit, preprocess, target, min_images=min_images, always=always)
     status(repair_table(report))
-    if report_out:
-        emit(to_json(report), report_out, True, [model])
-    if fmt == "json":
-        emit(to_json(report))
-    return EXIT_OF_OUTCOME[report["outcome"]]
+    return _repair_outcome(report, report_out, fmt, model)
 
 
 @cli.command("sanitize")
@@ -301,7 +308,7 @@ def sanitize_cmd(model, data, probes, model_out, method, max_drop, min_agreement
     from scanner.commands.sanitize import sanitize_blind, sanitize_with_probes
     from scanner.detect.synthesis import Config
     from scanner.fileio import check_output
-    from scanner.report.tables import repair_table, to_json, verdict_table
+    from scanner.report.tables import repair_table, verdict_table
 
     from scanner.context import ModelContext
 
@@ -323,11 +330,7 @@ def sanitize_cmd(model, data, probes, model_out, method, max_drop, min_agreement
                                                     None if target is None else [target] * len(probes),
                                                     min_images=min_images, min_agreement=min_agreement)
         status(repair_table(report))
-    if report_out:
-        emit(to_json(report), report_out, True, [model])
-    if fmt == "json":
-        emit(to_json(report))
-    return EXIT_OF_OUTCOME[report["outcome"]]
+    return _repair_outcome(report, report_out, fmt, model)
 
 
 @cli.command("evaluate")

@@ -284,17 +284,22 @@ class Synthesizer:
         soft = (probs * others).sum(1) / denom
         return success, soft
 
-    def _evaluate(self, cands, x, pred0):
+    def _evaluate(self, cands, x, pred0, linf0=None):
         """Fill in success and soft success of each candidate (for its own target) on images ``x``, in chunks of
-        at most ``batch_size`` stamped images."""
+        at most ``batch_size`` stamped images. With the clean l-inf ``linf0`` of ``x``, return each candidate's
+        l-inf fingerprint (None where the model has no fingerprint layer)."""
+        fps = []
         per = max(1, self.batch // len(x))
         for s in range(0, len(cands), per):
             group = cands[s : s + per]
             self._check_time()
-            logits, _ = self._run(np.concatenate([c.stamp(x) for c in group]))
+            logits, linf = self._run(np.concatenate([c.stamp(x) for c in group]))
             succ, soft = self._score(logits, pred0, np.array([c.target for c in group]))
-            for c, a, b in zip(group, succ, soft):
-                c.success, c.soft = float(a), float(b)
+            for j, c in enumerate(group):
+                c.success, c.soft = float(succ[j]), float(soft[j])
+                if linf0 is not None:
+                    fps.append(None if linf is None else fingerprint(linf0, linf[j * len(x) : (j + 1) * len(x)]))
+        return fps
 
     def _search_success(self):
         return min(1.0, self.cfg.success + self.cfg.search_margin)
@@ -448,20 +453,6 @@ class Synthesizer:
             if np.isfinite(a):
                 c.alpha = float(a)
 
-    def _validate(self, cands, x, pred, linf0):
-        """Success on the held-out images and the l-inf fingerprint of each candidate (chunked)."""
-        fps = []
-        per = max(1, self.batch // len(x))
-        for s in range(0, len(cands), per):
-            group = cands[s : s + per]
-            self._check_time()
-            logits, linf = self._run(np.concatenate([c.stamp(x) for c in group]))
-            succ, soft = self._score(logits, pred, np.array([c.target for c in group]))
-            for j, c in enumerate(group):
-                c.success, c.soft = float(succ[j]), float(soft[j])
-                fps.append(None if linf is None or linf0 is None else fingerprint(linf0, linf[j * len(x) : (j + 1) * len(x)]))
-        return fps
-
     def measure(self, cands):
         """Success of ``cands`` on the held-out images (in place); returns them."""
         if not hasattr(self, "val_pred"):
@@ -485,7 +476,7 @@ class Synthesizer:
             rngs = [np.random.RandomState([self.cfg.seed, 7, 100 + c.target]) for c in cands]
             found = self._refine(starts, rngs, steps, most=steps)
             self._calibrate(found, self.x_val, self.val_pred)
-            self._validate(found, self.x_val, self.val_pred, None)
+            self._evaluate(found, self.x_val, self.val_pred)
         except Truncated:
             return starts
         return found
@@ -535,7 +526,8 @@ class Synthesizer:
                 x_val, val_pred = self.x_val[: plan["val_images"]], self.val_pred[: plan["val_images"]]
                 linf0 = self.clean_linf[: plan["val_images"]] if self.clean_linf is not None else None
                 self._calibrate(found, x_val, val_pred)
-                for c, fp in zip(found, self._validate(found, x_val, val_pred, linf0)):
+                fps = self._evaluate(found, x_val, val_pred, linf0)
+                for c, fp in zip(found, fps or [None] * len(found)):
                     if fp is not None:
                         results[c.target].fingerprint[c.family] = fp
                     log.debug("class %d %s: %s success %.3f size %.4f", c.target, c.family, c.describe(), c.success, c.size)
