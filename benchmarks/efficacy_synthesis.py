@@ -35,7 +35,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from results import write_section  # noqa: E402
 from scanner.context import ModelContext  # noqa: E402
 from scanner.data.triggers import Trigger  # noqa: E402
 from scanner.graph.model import load_model  # noqa: E402
@@ -446,16 +448,6 @@ def rgb_section(rows, args, total, argv):
             RGB_END,
         ]
     )
-
-
-def write_section(text, begin=BEGIN, end=END):
-    """Replace the text between ``begin`` and ``end`` in RESULTS.md (append it when the markers are missing)."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + text + old[old.index(end) + len(end) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    RESULTS.write_text(new)
 
 
 def run_gray(args, argv, tmp):
