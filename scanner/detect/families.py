@@ -46,6 +46,9 @@ class Candidate:
     bias: np.ndarray = None
     base: float = None
     """filter: the mean pixel change / 255 of the full-strength filter on the search images."""
+    earlier: list = None
+    """patch: the larger working states the refinement shrank through (the latest, smallest, first): the fallbacks
+    when the final one falls short on held-out images."""
     depicts: int = None
     """blend: the class whose clean images the pattern is made of (a class prototype, a natural image). Blending a
     class's own images in is how that class looks, not a trigger: the pattern never counts for that class."""
@@ -69,7 +72,7 @@ class Candidate:
 
     def copy(self, **changes):
         c = Candidate(self.family, self.target, None if self.pattern is None else self.pattern.copy(), self.box,
-                      self.alpha, 0.0, 0.0, self.shape, self.matrix, self.bias, self.base, self.depicts)
+                      self.alpha, 0.0, 0.0, self.shape, self.matrix, self.bias, self.base, depicts=self.depicts)
         for k, v in changes.items():
             setattr(c, k, v)
         return c

@@ -45,13 +45,17 @@ SUCCESS = 0.9
 COMPUTE = 4e12
 """Floating-point operations a default search may spend (about 1-2 minutes of 2 CPU cores): the default query
 budget is this over the model's cost per image, within [QUERIES_MIN, QUERIES_MAX]."""
-QUERIES_MIN = 15_000
+QUERIES_MIN = 20_000
 """Enough for the least plan of 20 refined classes (clean passes, screening, one refinement step, checks on
 MIN_VAL_IMAGES held-out images)."""
 QUERIES_MAX = 200_000
 SHARES = {"screen": 0.3, "refine": 0.5, "check": 0.2}
 """How the budget is split between screening, refinement, and calibration + validation."""
 MIN_VAL_IMAGES = 8
+BACKOFF = 6
+"""Fallbacks of a patch tried on the held-out images when it falls short there: itself shifted by a pixel, and the
+larger working states its refinement shrank through (a patch fitted to 48 search images can be a row too small or
+a pixel off for the rest)."""
 PATIENCE = 12
 """Refinement steps a candidate that does not work may go without coming closer (soft success) before it stops
 (fewer, down to 3, when the plan affords few steps)."""
@@ -325,7 +329,8 @@ class Synthesizer:
         refined = min(classes, self.cfg.suspects + self.cfg.references)
         pairs = refined * len(self.families)
         strong = sum(FAMILIES[f].strength for f in self.families)
-        check_cost = refined * (len(self.families) + strong * self.cfg.calib_steps)
+        check_cost = refined * (len(self.families) + strong * self.cfg.calib_steps
+                                + BACKOFF * (len(self.families) - strong))
         val = int(np.clip(SHARES["check"] * q / max(check_cost, 1), MIN_VAL_IMAGES, len(self.x_val)))
         screen_cost = sum(per_family.values()) * n_screen
         least = screen_cost + check_cost * val + pairs * len(self.x_search)
@@ -417,6 +422,10 @@ class Synthesizer:
             self._evaluate(props, self.x_search, self.search_pred)
             for i, p in zip(active, props):
                 if p.key(tau) >= cur[i].key(tau):
+                    if not FAMILIES[p.family].strength and cur[i].success >= tau and p.size < cur[i].size:
+                        p.earlier = ([cur[i]] + (cur[i].earlier or []))[:BACKOFF]
+                    elif cur[i].earlier:
+                        p.earlier = cur[i].earlier
                     cur[i] = p
                 if cur[i].success >= tau or cur[i].soft > best_soft[i] + 1e-3:
                     best_soft[i], idle[i] = max(best_soft[i], cur[i].soft), 0
@@ -452,6 +461,39 @@ class Synthesizer:
         for c, a in zip(strong, hi):
             if np.isfinite(a):
                 c.alpha = float(a)
+
+    def _back_off(self, found, fps, x, pred, linf0):
+        """A patch that falls short on the held-out images gives way to the smallest of its fallbacks
+        (:meth:`_fallbacks`) that works there (each measured once, inside the plan's check share)."""
+        short = [i for i, c in enumerate(found) if c.success < self.cfg.success and not FAMILIES[c.family].strength]
+        if not short:
+            return found, fps
+        options = [self._fallbacks(found[i]) for i in short]
+        tries = [e for o in options for e in o]
+        tfps = self._evaluate(tries, x, pred, linf0)
+        found, fps, k = list(found), list(fps), 0
+        for i, o in zip(short, options):
+            n = len(o)
+            for j in range(k, k + n):  # smallest first
+                if tries[j].success >= self.cfg.success:
+                    log.debug("class %d patch: %s falls short on held-out images (%.3f); %s works (%.3f)", found[i].target,
+                              found[i].describe(), found[i].success, tries[j].describe(), tries[j].success)
+                    found[i] = tries[j]
+                    if fps:
+                        fps[i] = tfps[j]
+                    break
+            k += n
+        return found, fps
+
+    def _fallbacks(self, c):
+        """What a patch that falls short on held-out images may give way to, smallest first: its earlier, larger
+        working states, then itself shifted by one pixel (at most BACKOFF)."""
+        y, x0, h, w = c.box
+        shifted = [c.copy(box=(int(np.clip(y + dy, 0, self.h - h)), int(np.clip(x0 + dx, 0, self.w - w)), h, w))
+                   for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0))]
+        shifted = [s for s in shifted if s.box != c.box]
+        out = shifted + [e.copy() for e in (c.earlier or [])]
+        return sorted(out, key=lambda e: e.size)[:BACKOFF]
 
     def measure(self, cands):
         """Success of ``cands`` on the held-out images (in place); returns them."""
@@ -527,7 +569,9 @@ class Synthesizer:
                 linf0 = self.clean_linf[: plan["val_images"]] if self.clean_linf is not None else None
                 self._calibrate(found, x_val, val_pred)
                 fps = self._evaluate(found, x_val, val_pred, linf0)
+                found, fps = self._back_off(found, fps, x_val, val_pred, linf0)
                 for c, fp in zip(found, fps or [None] * len(found)):
+                    results[c.target].found[c.family] = c  # a patch may have given way to a fallback
                     if fp is not None:
                         results[c.target].fingerprint[c.family] = fp
                     log.debug("class %d %s: %s success %.3f size %.4f", c.target, c.family, c.describe(), c.success, c.size)
