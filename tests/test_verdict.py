@@ -1,6 +1,7 @@
 """The verdict and `scanner sanitize` without --probe, on zoo models."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,3 +70,22 @@ def test_backdoor_flagged_and_removed(run_cli, tmp_path, name):
     assert asr0 > 0.9
     assert asr1 < 0.25  # the real trigger, never seen by the scanner
     assert acc0 - acc1 <= 0.02
+
+
+def test_repair_rounds_take_triggers_of_every_family(run_cli, tmp_path):
+    """The RGB sticker backdoor (random-position 3x3 patch, target 5): after the first refit a warp trigger still
+    works, and it joins the probes with its variants (this crashed while only patch and blend had variants). The
+    refit leaves it at 42%: found, NOT removed, nothing written; exit 4."""
+    from scanner.commands.sanitize import MAX_VARIANTS
+    from scanner.detect.families import FAMILIES
+
+    assert set(MAX_VARIANTS) == set(FAMILIES)
+    rgb = Path(__file__).resolve().parents[1] / "models" / "rgb"
+    out = tmp_path / "s.onnx"
+    rc, stdout, err = run_cli("sanitize", rgb / "rgb10_vgg_sticker.onnx", "--data", rgb / "data" / "rgb10_clean.npz",
+                              "--queries", "40000", "--budget", "0", "--threads", "2", "-o", out, "--format", "json")
+    assert rc == 4, err
+    report = json.loads(stdout)
+    assert report["targets"] == [5] and report["outcome"] == "not_removed" and not out.exists()
+    again = [w["trigger"] for r in report["repair"]["rounds"] for w in r.get("still_working", [])]
+    assert any(t.startswith("warp") for t in again)

@@ -18,7 +18,7 @@ from scanner.data.images import ImageSet, cached, holdout_split
 from scanner.data.probes import Probe
 from scanner.detect.scan import dominant_class
 from scanner.detect.synthesis import QUERIES_MIN, Config, Synthesizer, queries_for, search_runner, variants
-from scanner.detect.verdict import anomaly_against, decide
+from scanner.detect.verdict import anomaly_against, decide, family_cap
 from scanner.errors import ScannerError
 from scanner.graph import surgery
 from scanner.fileio import check_output
@@ -33,7 +33,8 @@ METHODS = ("prune", "refit", "both")
 DEFAULT_METHOD = "refit"
 VARIANT_SUCCESS = 0.5
 """A variant of a synthesized trigger joins the probes when it still sends this fraction to the target."""
-MAX_VARIANTS = {"patch": 2, "blend": 1}
+MAX_VARIANTS = {"patch": 2, "blend": 1, "signal": 1, "warp": 1, "filter": 1}
+"""Variants of a flagged trigger kept as extra probes, per family (every family of detect.families)."""
 RESEARCH_SHARE = 0.3
 """The query budget of each search of a repaired model, as a share of the first search's."""
 POLISH_STEPS = 40
@@ -156,12 +157,15 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
     return report, proto, found
 
 
-def _still_backdoored(verdict, cand, tau):
+def _still_backdoored(verdict, cand, tau, config):
     """Whether ``cand`` (found on the repaired model) still stands out against the original class sizes (above
     the verdict's anomaly threshold)."""
     if cand.success < tau:
         return False
-    s = verdict["evidence"]["sizes"][cand.family]
+    s = verdict["evidence"]["sizes"].get(cand.family)
+    if s is None:  # no class of the original model had a working trigger of this family: all at the family's cap
+        cap = family_cap(config, cand.family)
+        s = {"sizes": [None] * len(verdict["evidence"]["synthesis"]["classes"]), "cap": cap}
     return anomaly_against(s["sizes"], s["cap"], cand.size) > verdict["thresholds"]["anomaly"]
 
 
@@ -257,7 +261,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
                             max(QUERIES_MIN, int(RESEARCH_SHARE * queries)))
         fresh = [c for res in again.run(targets).classes for c in res.found.values()]
         new = [c for c in again.polish(probes[:n_flagged], POLISH_STEPS) + fresh
-               if _still_backdoored(verdict, c, cfg.success)]
+               if _still_backdoored(verdict, c, cfg.success, cfg)]
         entry["still_working"] = [{"target": c.target, "trigger": c.describe(), "size": round(c.size, 6),
                                    "success": round(c.success, 6)} for c in new]
         if not new:
