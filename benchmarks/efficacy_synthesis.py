@@ -35,7 +35,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from results import write_section  # noqa: E402
 from scanner.context import ModelContext  # noqa: E402

@@ -396,18 +396,28 @@ Exit codes (several models: the worst, in the order 2, 1, 3, 0):
 @data_options(min_images_default=None, min_images_help="Fewer usable clean images fail the model [policy default: 100].")
 @output_options(("table", "json", "sarif"))
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), help="Also write a self-contained HTML audit to FILE.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run one Ray task per model (pip install 'scanner[ray]'): alone, on a local Ray started for the run; "
+                   "'auto' for the running cluster; or a Ray address.")
+@click.option("--ray-cpus", type=click.FloatRange(0, min_open=True), default=None, help="CPUs per model task [1].")
+@click.option("--ray-gpus", type=click.FloatRange(0), default=None, help="GPUs per model task [0].")
+@click.option("--ray-memory", default=None, metavar="SIZE", help="Memory reserved per model task, e.g. 4GB [none].")
 @command
 def gate_cmd(models, data, policy_file, fail_on, max_anomaly, max_fingerprint_z, allow_unanalysable, queries, budget, seed,
-             preprocess, scores, device, batch_size, threads, limit, min_images, fmt, output, force, html_out):
+             preprocess, scores, device, batch_size, threads, limit, min_images, fmt, output, force, html_out, ray_address,
+             ray_cpus, ray_gpus, ray_memory):
     """Deployment gate: detect backdoors (no repair) in one or more models and judge them by a policy.
 
-    MODELS are .onnx files or folders of them. The product (table, JSON report or SARIF 2.1.0 log) goes to
-    stdout or -o FILE; with -o or a machine format, the summary table also goes to stderr.
+    MODELS are .onnx files, folders of them, globs ('registry/**/*.onnx') or .txt files listing paths, one per
+    line. The product (table, JSON report or SARIF 2.1.0 log) goes to stdout or -o FILE; with -o or a machine
+    format, the summary table also goes to stderr. With --ray, each model is a Ray task; the report and the exit
+    code are the same as without.
 
     \b
     Examples:
       scanner gate models/cnn_badnets.onnx --data models/data/clean
       scanner gate models/ --data models/data/clean --policy gate.toml --format sarif -o gate.sarif --html audit.html
+      scanner gate registry.txt --data clean/ --ray auto --ray-cpus 2 --ray-memory 4GB --format json -o gate.json
     """
     from scanner.commands.gate import run_gate
     from scanner.fileio import check_output
@@ -421,8 +431,18 @@ def gate_cmd(models, data, policy_file, fail_on, max_anomaly, max_fingerprint_z,
                  "max_fingerprint_z": max_fingerprint_z, "unanalysable": "pass" if allow_unanalysable else None,
                  "budget": budget, "queries": queries, "seed": seed, "limit": limit}
     policy = load_policy(policy_file, overrides)
+    ray = None
+    if ray_address is None and any(v is not None for v in (ray_cpus, ray_gpus, ray_memory)):
+        raise click.UsageError("--ray-cpus, --ray-gpus and --ray-memory need --ray")
+    if ray_address is not None and ray_address != "local" and os.path.exists(ray_address):
+        raise click.UsageError(f"--ray took {ray_address!r} as the Ray address; write --ray=ADDRESS, or --ray after the models")
+    if ray_address is not None:
+        from scanner.runtime.cluster import RayOptions, parse_memory
+
+        ray = RayOptions(None if ray_address == "local" else ray_address, ray_cpus or 1.0, ray_gpus or 0.0,
+                         parse_memory(ray_memory) if ray_memory is not None else None)
     report, artefacts = run_gate(models, data, policy, preprocess, device, threads, keep=bool(html_out), batch_size=batch_size,
-                                 scores=scores)
+                                 scores=scores, executor="ray" if ray else "local", ray=ray)
     if fmt == "json":
         product = to_json(report)
     elif fmt == "sarif":

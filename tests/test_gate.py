@@ -142,6 +142,36 @@ def test_folder_of_models(run_cli, tmp_path):
     assert code == 2 and "no .onnx file" in err
 
 
+def test_models_from_globs_and_lists(run_cli, tmp_path):
+    """A registry export: a glob, and a .txt list of paths (relative to the list, comments and blanks skipped)."""
+    reg = tmp_path / "registry"
+    (reg / "team" / "v2").mkdir(parents=True)
+    shutil.copy(CLEAN_MODEL, reg / "team" / "a.onnx")
+    shutil.copy(BADNETS, reg / "team" / "v2" / "b.onnx")
+    from scanner.commands.gate import expand_models
+
+    assert expand_models([str(reg / "**" / "*.onnx")]) == [reg / "team" / "a.onnx", reg / "team" / "v2" / "b.onnx"]
+    listing = tmp_path / "models.txt"
+    listing.write_text(f"# pushed today\nregistry/team/v2/b.onnx\n\n{reg / 'team' / 'a.onnx'}\n")
+    code, out, err = gate(run_cli, listing, "--format", "json")
+    assert code == 1, err
+    assert [m["path"] for m in json.loads(out)["models"]] == [str(tmp_path / "registry/team/v2/b.onnx"), str(reg / "team" / "a.onnx")]
+    code, out, err = gate(run_cli, str(tmp_path / "nothing" / "*.onnx"))
+    assert code == 2 and "no file matches" in err
+    (tmp_path / "empty.txt").write_text("# nothing yet\n")
+    code, out, err = gate(run_cli, tmp_path / "empty.txt")
+    assert code == 2 and "list of models is empty" in err
+
+
+def test_ray_flags_without_ray_and_bad_sizes_are_usage_errors(run_cli):
+    code, out, err = gate(run_cli, CLEAN_MODEL, "--ray-cpus", "2")
+    assert code == 2 and "need --ray" in err and out == ""
+    code, out, err = run_cli("gate", "--ray", CLEAN_MODEL, BADNETS, "--data", CLEAN)  # --ray took the first model
+    assert code == 2 and "--ray=ADDRESS" in err
+    code, out, err = gate(run_cli, CLEAN_MODEL, "--ray", "--ray-memory", "lots")
+    assert code == 2 and "--ray-memory" in err
+
+
 def test_policy_file_and_flag_overrides(run_cli, tmp_path):
     policy = tmp_path / "gate.toml"
     policy.write_text('fail_on = "never"\nwarn_on = "suspicious"\n\n[analysis]\nbudget = 0\nseed = 0\n')

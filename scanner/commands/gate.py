@@ -16,6 +16,7 @@ Worst first: 2, then 1, then 3, then 0 (a backdoored model next to an unanalysab
 The policy and the judgement are in :mod:`scanner.policy`.
 """
 
+import glob
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -38,14 +39,30 @@ SEVERITY = {EXIT_OK: 0, EXIT_NOTHING: 1, EXIT_FINDINGS: 2, EXIT_ERROR: 3}
 
 
 def expand_models(paths):
-    """Model files from ``paths``: files as given, folders as their ``*.onnx`` files (sorted, recursive)."""
+    """Model files from ``paths``: files as given; folders as their ``*.onnx`` files (sorted, recursive); a glob
+    (``registry/**/*.onnx``) as its matches (sorted); a ``.txt`` file as a list of paths, one per line (blank lines
+    and ``#`` comments skipped; relative paths from the list's folder), each expanded the same way."""
     out = []
     for p in paths:
         p = Path(p)
-        if p.is_dir():
+        if p.suffix.lower() == ".txt" and p.is_file():
+            try:
+                lines = [ln.strip() for ln in p.read_text().splitlines()]
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ScannerError(f"cannot read the list of models ({type(exc).__name__})", p) from None
+            listed = [Path(ln) if Path(ln).is_absolute() else p.parent / ln for ln in lines if ln and not ln.startswith("#")]
+            if not listed:
+                raise ScannerError("the list of models is empty", p)
+            out += expand_models(listed)
+        elif p.is_dir():
             found = sorted(q for q in p.rglob("*.onnx") if q.is_file())
             if not found:
                 raise ScannerError("no .onnx file in this folder", p)
+            out += found
+        elif not p.exists() and glob.has_magic(str(p)):
+            found = sorted(Path(q) for q in glob.glob(str(p), recursive=True) if Path(q).is_file())
+            if not found:
+                raise ScannerError("no file matches this pattern", p)
             out += found
         else:
             out.append(p)
@@ -120,7 +137,7 @@ def analyse(path, images, policy, preprocess=None, device="auto", threads=None, 
     return entry, (Artefacts(ctx, runner, pixels[:KEEP_IMAGES].copy(), synthesis, images) if keep else None)
 
 
-def _problem(path, exc, policy):
+def problem_entry(path, exc, policy):
     """The entry of a model that could not be analysed."""
     entry = {"model": {"path": str(path)}, "verdict": None, "reasons": [], "warnings": [], "error": " ".join(str(exc).split())}
     if isinstance(exc, NothingToAnalyse):
@@ -138,36 +155,56 @@ def worst(codes):
     return max(codes, key=SEVERITY.get, default=EXIT_OK)
 
 
-def run_gate(models, data, policy=None, preprocess=None, device="auto", threads=None, keep=False, batch_size=128,
-             scores=None):
-    """Gate every model in ``models`` (files or folders). Returns (report, {path: Artefacts}).
+def gate_model(path, images, policy, preprocess=None, device="auto", threads=None, keep=False, batch_size=128, scores=None):
+    """One model through the gate: analysis and judgement. Returns (entry, Artefacts or None); a model that cannot
+    be loaded or analysed becomes an error (or unanalysable) entry, never an exception. Every executor runs this."""
+    try:
+        entry, art = analyse(path, images, policy, preprocess, device, threads, keep, batch_size, scores)
+    except ScannerError as exc:
+        log.warning("%s", " ".join(str(exc).split()))
+        entry, art = problem_entry(path, exc, policy), None
+    except MemoryError:
+        entry, art = problem_entry(path, ScannerError("out of memory (try --limit)", path), policy), None
+    except Exception as exc:  # a bug: record it, keep gating the other models
+        log.debug("analysis of %s failed", path, exc_info=True)
+        entry, art = problem_entry(path, ScannerError(f"internal error: {type(exc).__name__}: {exc}", path), policy), None
+    else:
+        judge(entry, policy)
+    return {"path": str(path), **{k: v for k, v in entry.items() if k != "path"}}, art
 
-    A model that cannot be loaded or analysed is recorded as an error (or as unanalysable) and the others
-    still run; a bad ``data`` path is an error for the whole run (raised).
+
+def run_gate(models, data, policy=None, preprocess=None, device="auto", threads=None, keep=False, batch_size=128,
+             scores=None, executor="local", ray=None):
+    """Gate every model in ``models`` (files, folders, globs, .txt lists). Returns (report, {path: Artefacts}).
+
+    ``executor``: ``"local"`` runs the models one after the other in this process; ``"ray"`` runs one Ray task
+    per model (:mod:`scanner.runtime.cluster`, options in ``ray``, a :class:`~scanner.runtime.cluster.RayOptions`);
+    both run :func:`gate_model` and give the same report apart from timings. A model that cannot be loaded or
+    analysed is recorded as an error (or as unanalysable) and the others still run; a bad ``data`` path is an
+    error for the whole run (raised).
     """
     policy = policy or DEFAULT_POLICY
     started = time.perf_counter()
     paths = expand_models(models)
     images = ImageSet(data, limit=policy.analysis.limit)
     entries, artefacts = [], {}
-    for i, path in enumerate(paths):
-        log.info("[%d/%d] %s", i + 1, len(paths), path)
-        try:
-            entry, art = analyse(path, images, policy, preprocess, device, threads, keep, batch_size, scores)
-        except ScannerError as exc:
-            log.warning("%s", " ".join(str(exc).split()))
-            entry, art = _problem(path, exc, policy), None
-        except MemoryError:
-            entry, art = _problem(path, ScannerError("out of memory (try --limit)", path), policy), None
-        except Exception as exc:  # a bug: record it, keep gating the other models
-            log.debug("analysis of %s failed", path, exc_info=True)
-            entry, art = _problem(path, ScannerError(f"internal error: {type(exc).__name__}: {exc}", path), policy), None
-        else:
-            judge(entry, policy)
-        entry = {"path": str(path), **{k: v for k, v in entry.items() if k != "path"}}
-        entries.append(entry)
-        if art is not None:
-            artefacts[str(path)] = art
+    if executor == "ray":
+        from scanner.runtime.cluster import RayOptions, gate_on_ray
+
+        for entry, view in gate_on_ray(paths, images, policy, ray or RayOptions(), preprocess, device, threads, keep,
+                                       batch_size, scores):
+            entries.append(entry)
+            if view is not None:
+                artefacts[entry["path"]] = view
+    elif executor == "local":
+        for i, path in enumerate(paths):
+            log.info("[%d/%d] %s", i + 1, len(paths), path)
+            entry, art = gate_model(path, images, policy, preprocess, device, threads, keep, batch_size, scores)
+            entries.append(entry)
+            if art is not None:
+                artefacts[str(path)] = art
+    else:
+        raise ScannerError(f"unknown executor {executor!r}: local or ray")
     code = worst(e["exit_code"] for e in entries)
     counts = {s: sum(e["status"] == s for e in entries) for s in STATUSES}
     report = {

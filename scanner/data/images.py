@@ -151,6 +151,8 @@ class ImageSet:
         self._warned = False
         self._lock = threading.Lock()
         self._npz = None
+        self._blobs = None
+        """{name: bytes or why not} when the set was :meth:`packed` (read from memory, not from disk)."""
         if limit is not None and int(limit) < 1:
             raise ScannerError(f"--limit must be >= 1, got {limit}")
         if not self.path.exists():
@@ -238,16 +240,9 @@ class ImageSet:
         if self._npz is not None:
             return conform(self._npz[self._index[i]], pre)
         name = self.names[i]
-        path = self.path / name
-        try:
-            size = path.stat().st_size
-            if size == 0:
-                return self._skip(name, "empty file")
-            if size > MAX_FILE_BYTES:
-                return self._skip(name, f"file larger than {MAX_FILE_BYTES >> 20} MiB")
-            data = path.read_bytes()
-        except OSError as exc:
-            return self._skip(name, f"cannot read ({exc.strerror})")
+        data = self._blobs.get(name) if self._blobs is not None else self._file_bytes(name)
+        if not isinstance(data, bytes):
+            return self._skip(name, data or "not packed")
         try:
             img = decode_image(data, pre)
         except ValueError as exc:
@@ -258,6 +253,40 @@ class ImageSet:
         if img is None:
             return self._skip(name, "not a decodable image (corrupt or truncated)")
         return img
+
+    def _file_bytes(self, name):
+        """The bytes of image file ``name``, or why they cannot be read (a str)."""
+        path = self.path / name
+        try:
+            size = path.stat().st_size
+            if size == 0:
+                return "empty file"
+            if size > MAX_FILE_BYTES:
+                return f"file larger than {MAX_FILE_BYTES >> 20} MiB"
+            return path.read_bytes()
+        except OSError as exc:
+            return f"cannot read ({exc.strerror})"
+
+    def packed(self):
+        """A copy that carries its images with it (the files' bytes, or the .npz array), to be pickled and read on
+        another machine: the Ray gate ships it once to the object store. A file that cannot be read here is
+        recorded as skipped when the copy reads it, as it would be here."""
+        import copy
+
+        out = copy.copy(self)
+        out.skipped, out._lock = list(self.skipped), threading.Lock()
+        if self._npz is None:
+            out._blobs = {name: self._file_bytes(name) for name in self.names}
+        return out
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def _skip(self, name, reason):
         with self._lock:

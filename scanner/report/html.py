@@ -473,7 +473,11 @@ def _memory_set(images, pixels):
     return MemoryImageSet(source, Batch(pixels, [f"image_{i:05d}" for i in range(len(pixels))]))
 
 
-def _gate_view(entry, art):
+def gate_view(entry, art):
+    """What the audit shows of one gated model (a JSON-ready dict); ``art``: its gate.Artefacts, or None (facts only),
+    or a view already drawn (a dict: by a Ray worker)."""
+    if isinstance(art, dict):
+        return art
     view = {
         "title": entry["path"], "status": entry["status"], "verdict": entry.get("verdict"), "targets": entry.get("targets"),
         "reasons": entry.get("reasons"), "warnings": entry.get("warnings"), "error": entry.get("error"),
@@ -547,8 +551,8 @@ def measure_channels(art, trigger, source="synthesized"):
 
 
 def gate_html(report, artefacts):
-    """The HTML audit of a gate report (``artefacts``: {path: gate.Artefacts} of the analysed models)."""
-    views = [_gate_view(e, artefacts.get(e["path"])) for e in report["models"]]
+    """The HTML audit of a gate report (``artefacts``: {path: gate.Artefacts or a drawn view} of the analysed models)."""
+    views = [gate_view(e, artefacts.get(e["path"])) for e in report["models"]]
     p = report["policy"]
     sub = (f"Deployment gate: {report['result'].upper()} (exit {report['exit_code']}), {report['summary']['models']} model(s); "
            f"policy {p['source']}: fail on {p['fail_on']}, warn on {p['warn_on']}, min_images {p['min_images']}.")
