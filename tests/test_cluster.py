@@ -50,9 +50,13 @@ def test_ray_report_equals_the_sequential_one(run_cli, tmp_path):
     models = [zoo_path("cnn_badnets"), zoo_path("cnn_clean"), bad]
     rc, out, err = run_cli("gate", *models, "--data", CLEAN, *FAST, "--threads", "1", "--format", "json")
     assert rc == 2, err  # one error entry, the worst code
-    p = _in_namespace(["-v", "gate", *models, "--data", CLEAN, *FAST, "--ray", "--ray-cpus", "1", "--format", "json"])
+    html = tmp_path / "audit.html"
+    p = _in_namespace(["-v", "gate", *models, "--data", CLEAN, *FAST, "--ray", "--ray-cpus", "1", "--format", "json",
+                       "--html", html])
     ray_out, ray_err = p.communicate(timeout=600)
     assert p.returncode == 2, ray_err
+    page = html.read_text()  # the audit views were drawn on the workers: the synthesized triggers are in it
+    assert "data:image/png;base64," in page and page.count(str(zoo_path("cnn_badnets"))) >= 1
     sequential, on_ray = json.loads(out), json.loads(ray_out)
     assert [m["status"] for m in on_ray["models"]] == ["failed", "passed", "error"]
     assert _without_timings(on_ray) == _without_timings(sequential)
