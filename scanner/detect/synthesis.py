@@ -329,9 +329,10 @@ class Synthesizer:
         refined = min(classes, self.cfg.suspects + self.cfg.references)
         pairs = refined * len(self.families)
         strong = sum(FAMILIES[f].strength for f in self.families)
-        check_cost = refined * (len(self.families) + strong * self.cfg.calib_steps
-                                + BACKOFF * (len(self.families) - strong))
-        val = int(np.clip(SHARES["check"] * q / max(check_cost, 1), MIN_VAL_IMAGES, len(self.x_val)))
+        validation = refined * (len(self.families) + strong * self.cfg.calib_steps)
+        # held-out images from the check share for validation and calibration; the patch fallbacks on top of it
+        val = int(np.clip(SHARES["check"] * q / max(validation, 1), MIN_VAL_IMAGES, len(self.x_val)))
+        check_cost = validation + refined * BACKOFF * (len(self.families) - strong)
         screen_cost = sum(per_family.values()) * n_screen
         least = screen_cost + check_cost * val + pairs * len(self.x_search)
         if least > q:
