@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from conftest import CLEAN, zoo_path
+from conftest import CLEAN, without_timings, zoo_path
 
 try:
     import ray  # noqa: F401
@@ -36,14 +36,6 @@ def _in_namespace(args, **kw):
     return subprocess.Popen(["unshare", "-n", "sh", "-c", cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def _without_timings(obj):
-    if isinstance(obj, dict):
-        return {k: _without_timings(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [_without_timings(v) for v in obj]
-    return obj
-
-
 def test_ray_report_equals_the_sequential_one(run_cli, tmp_path):
     bad = tmp_path / "corrupt.onnx"
     bad.write_bytes(b"not a model")
@@ -59,7 +51,7 @@ def test_ray_report_equals_the_sequential_one(run_cli, tmp_path):
     assert "data:image/png;base64," in page and page.count(str(zoo_path("cnn_badnets"))) >= 1
     sequential, on_ray = json.loads(out), json.loads(ray_out)
     assert [m["status"] for m in on_ray["models"]] == ["failed", "passed", "error"]
-    assert _without_timings(on_ray) == _without_timings(sequential)
+    assert without_timings(on_ray) == without_timings(sequential)
     assert "[3/3]" in ray_err  # progress per model as results come in
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLEAN, zoo_entry, zoo_path
+from conftest import CLEAN, without_timings, zoo_entry, zoo_path
 
 from scanner.context import ModelContext
 from scanner.data.images import ImageSet
@@ -108,14 +108,6 @@ def test_100_class_backdoor_flagged_with_its_target_and_its_clean_twin_passes(ru
     assert rc == 0 and clean["verdict"] == "clean", err
 
 
-def _without_timings(obj):
-    if isinstance(obj, dict):
-        return {k: _without_timings(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [_without_timings(v) for v in obj]
-    return obj
-
-
 def test_same_report_under_cpu_load(run_cli):
     """The query budget, not the clock, decides the work: a CPU-burning process beside the scan changes nothing
     in the report but its timings."""
@@ -131,7 +123,7 @@ def test_same_report_under_cpu_load(run_cli):
             p.kill()
             p.wait()
     assert rc2 == rc, err
-    assert _without_timings(json.loads(loaded)) == _without_timings(json.loads(quiet))
+    assert without_timings(json.loads(loaded)) == without_timings(json.loads(quiet))
 
 
 @pytest.mark.parametrize("name", ["rgb10_preact_clean", "rgb1000_preact_clean"])

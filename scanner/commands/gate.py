@@ -139,7 +139,7 @@ def analyse(path, images, policy, preprocess=None, device="auto", threads=None, 
 
 def problem_entry(path, exc, policy):
     """The entry of a model that could not be analysed."""
-    entry = {"model": {"path": str(path)}, "verdict": None, "reasons": [], "warnings": [], "error": " ".join(str(exc).split())}
+    entry = {"path": str(path), "model": {"path": str(path)}, "verdict": None, "reasons": [], "warnings": [], "error": " ".join(str(exc).split())}
     if isinstance(exc, NothingToAnalyse):
         entry["status"] = "unanalysable" if policy.unanalysable == "fail" else "skipped"
         (entry["reasons"] if policy.unanalysable == "fail" else entry["warnings"]).append(f"nothing to analyse: {entry['error']}")

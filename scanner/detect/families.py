@@ -176,9 +176,13 @@ class Patch:
         square(new, rng, frac)
         return cur.copy(pattern=new)
 
+    def shifted(self, c, dy, dx, shape):
+        """``c`` moved by (dy, dx) pixels, kept inside an image of ``shape`` (a new, unmeasured Candidate)."""
+        y, x, ph, pw = c.box
+        return c.copy(box=(int(np.clip(y + dy, 0, shape[0] - ph)), int(np.clip(x + dx, 0, shape[1] - pw)), ph, pw))
+
     def variants(self, c, shape):
         """One row / column less, and shifted by one or two pixels (each a new, unmeasured Candidate)."""
-        h, w = shape
         y, x, ph, pw = c.box
         out = []
         for top, left, dh, dw in ((1, 0, 1, 0), (0, 0, 1, 0), (0, 1, 0, 1), (0, 0, 0, 1)):
@@ -188,10 +192,17 @@ class Patch:
         for dy in (-2, -1, 0, 1, 2):
             for dx in (-2, -1, 0, 1, 2):
                 if (dy or dx) and abs(dy) + abs(dx) <= 2:
-                    ny, nx = int(np.clip(y + dy, 0, h - ph)), int(np.clip(x + dx, 0, w - pw))
-                    if (ny, nx) != (y, x) and all(o.box != (ny, nx, ph, pw) for o in out):
-                        out.append(c.copy(box=(ny, nx, ph, pw)))
+                    s = self.shifted(c, dy, dx, shape)
+                    if s.box != c.box and all(o.box != s.box for o in out):
+                        out.append(s)
         return out
+
+    def fallbacks(self, c, shape, most):
+        """What a patch that falls short on held-out images may give way to, smallest first (at most ``most``):
+        itself shifted by one pixel, then the larger working states its refinement shrank through."""
+        shifts = [s for s in (self.shifted(c, dy, dx, shape) for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0)))
+                  if s.box != c.box]
+        return sorted(shifts + [e.copy() for e in (c.earlier or [])], key=lambda e: e.size)[:most]
 
 
 def square(pattern, rng, frac, low=0.0, high=255.0):

@@ -332,7 +332,8 @@ class Synthesizer:
         validation = refined * (len(self.families) + strong * self.cfg.calib_steps)
         # held-out images from the check share for validation and calibration; the patch fallbacks on top of it
         val = int(np.clip(SHARES["check"] * q / max(validation, 1), MIN_VAL_IMAGES, len(self.x_val)))
-        check_cost = validation + refined * BACKOFF * (len(self.families) - strong)
+        backing = sum(hasattr(FAMILIES[f], "fallbacks") for f in self.families)
+        check_cost = validation + refined * BACKOFF * backing
         screen_cost = sum(per_family.values()) * n_screen
         least = screen_cost + check_cost * val + pairs * len(self.x_search)
         if least > q:
@@ -423,7 +424,7 @@ class Synthesizer:
             self._evaluate(props, self.x_search, self.search_pred)
             for i, p in zip(active, props):
                 if p.key(tau) >= cur[i].key(tau):
-                    if not FAMILIES[p.family].strength and cur[i].success >= tau and p.size < cur[i].size:
+                    if hasattr(FAMILIES[p.family], "fallbacks") and cur[i].success >= tau and p.size < cur[i].size:
                         p.earlier = ([cur[i]] + (cur[i].earlier or []))[:BACKOFF]
                     elif cur[i].earlier:
                         p.earlier = cur[i].earlier
@@ -464,12 +465,14 @@ class Synthesizer:
                 c.alpha = float(a)
 
     def _back_off(self, found, fps, x, pred, linf0):
-        """A patch that falls short on the held-out images gives way to the smallest of its fallbacks
-        (:meth:`_fallbacks`) that works there (each measured once, inside the plan's check share)."""
-        short = [i for i, c in enumerate(found) if c.success < self.cfg.success and not FAMILIES[c.family].strength]
+        """A trigger that falls short on the held-out images gives way to the smallest of its family's
+        ``fallbacks`` (a patch's one-pixel shifts and earlier states) that works there (each measured once, inside
+        the plan's check share)."""
+        short = [i for i, c in enumerate(found)
+                 if c.success < self.cfg.success and hasattr(FAMILIES[c.family], "fallbacks")]
         if not short:
             return found, fps
-        options = [self._fallbacks(found[i]) for i in short]
+        options = [FAMILIES[found[i].family].fallbacks(found[i], self.shape, BACKOFF) for i in short]
         tries = [e for o in options for e in o]
         tfps = self._evaluate(tries, x, pred, linf0)
         found, fps, k = list(found), list(fps), 0
@@ -485,16 +488,6 @@ class Synthesizer:
                     break
             k += n
         return found, fps
-
-    def _fallbacks(self, c):
-        """What a patch that falls short on held-out images may give way to, smallest first: its earlier, larger
-        working states, then itself shifted by one pixel (at most BACKOFF)."""
-        y, x0, h, w = c.box
-        shifted = [c.copy(box=(int(np.clip(y + dy, 0, self.h - h)), int(np.clip(x0 + dx, 0, self.w - w)), h, w))
-                   for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0))]
-        shifted = [s for s in shifted if s.box != c.box]
-        out = shifted + [e.copy() for e in (c.earlier or [])]
-        return sorted(out, key=lambda e: e.size)[:BACKOFF]
 
     def measure(self, cands):
         """Success of ``cands`` on the held-out images (in place); returns them."""

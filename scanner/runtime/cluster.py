@@ -66,9 +66,8 @@ def _crash_entry(path, exc, policy):
 
     what = type(exc).__name__
     text = " ".join(str(exc).split())[:200]
-    entry = problem_entry(path, ScannerError(f"the Ray worker analysing it died ({what}, after {RETRIES} retry): {text}",
-                                             path), policy)
-    return {"path": str(path), **entry}
+    return problem_entry(path, ScannerError(f"the Ray worker analysing it died ({what}, after {RETRIES} retry): {text}",
+                                            path), policy)
 
 
 def gate_on_ray(paths, images, policy, options, preprocess=None, device="auto", threads=None, keep=False,
