@@ -47,7 +47,8 @@ class ModelContext:
         """Run the loader chain on ``model`` (a path or a ModelFile). ``preprocess``: a preset name or a JSON file;
         ``scores``: the name of the output holding the class scores (default: chosen, see ``scores_output``)."""
         mf = model if isinstance(model, ModelFile) else load_model(model)
-        proto, folded = fold_constants(mf.proto, mf.path)
+        mf.facts()  # of the file as read, before an in-place fold
+        proto, folded = fold_constants(mf.proto, mf.path, inplace=not isinstance(model, ModelFile))
         proto, dynamic = dynamic_batch(proto, mf.path)
         name = scores_output(mf, scores)
         skipped = []

@@ -197,6 +197,14 @@ def shared_weight(opset=17, seed=9):
     return net.build(net.head(_gap(net, x), 8))
 
 
+def identity_weight(opset=17, seed=13):
+    """A Conv weight read through Identity of an initializer (how torch's legacy exporter shares weights)."""
+    net = Net([3, 8, 8], opset, seed, "N", "identity_weight")
+    w = net.node("Identity", [net.weight(net.randn(6, 3, 3, 3), "conv.weight")], name="/conv1/weight/Identity")
+    x = net.relu(net.conv("x", 3, 6, weight=w, name="/conv1/Conv"))
+    return net.build(net.head(_gap(net, x), 6))
+
+
 def constant_weight(opset=17, seed=10):
     """Conv weight and bias from Constant nodes (and a Gemm head with a Constant weight through Identity)."""
     net = Net([3, 8, 8], opset, seed, "N", "constant_weight")
@@ -258,6 +266,7 @@ ALL = {
     "activations": activations,
     "shared_weight": shared_weight,
     "constant_weight": constant_weight,
+    "identity_weight": identity_weight,
     "unnamed": unnamed,
     "conv1d": conv1d,
 }

@@ -40,6 +40,27 @@ def test_weights_computed_in_the_graph_are_folded(name):
     assert not [s for s in ctx.skipped if "computed in the graph" in s["reason"]]
 
 
+def test_identity_copies_of_initializers_fold_exactly_without_running(monkeypatch):
+    """torch's legacy exporter shares weights through Identity: folding them is a rename, so nothing is run or
+    checked (the check ran the model twice: seconds on a 224x224 model); in place when asked."""
+    import graphs
+
+    from scanner.graph import fold
+
+    monkeypatch.setattr(fold, "_evaluate", lambda *a: pytest.fail("an exact fold needs no onnxruntime run"))
+    monkeypatch.setattr(fold, "_same_outputs", lambda *a, **k: pytest.fail("an exact fold needs no check"))
+    model = graphs.identity_weight()
+    before = model.SerializeToString()
+    folded, record = fold.fold_constants(model)
+    assert record == {"tensors": 1, "nodes": 1} and model.SerializeToString() == before
+    assert "Identity" not in [n.op_type for n in folded.graph.node if n.name != "/logits/Identity"]
+    x = graphs.inputs(model)
+    np.testing.assert_array_equal(graphs.run(folded, x)["logits"], graphs.run(model, x)["logits"])
+    same, record = fold.fold_constants(model, inplace=True)
+    assert same is model and record["tensors"] == 1
+    np.testing.assert_array_equal(graphs.run(model, x)["logits"], graphs.run(folded, x)["logits"])
+
+
 def test_folded_bias_model_pruned_with_exact_zeros_elsewhere_unchanged(tmp_path):
     """dynamo optimize=False: BN kept, bias-free conv biases built with Shape/Expand; `scanner prune` used to fail
     with 'input 2 is not a constant weight'."""

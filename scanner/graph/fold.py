@@ -91,14 +91,18 @@ def _as_cast(gi, node):
     return onnx.helper.make_node("Cast", [node.input[0]], list(node.output), name=node.name, to=gi.elem_type(node.input[1]))
 
 
-def fold_constants(model, source=None):
-    """(model, record): ``model`` with its constant subgraphs folded (the input proto is untouched), and what was
-    folded ({"nodes", "tensors"}; None when there was nothing to fold or the fold was refused)."""
+def fold_constants(model, source=None, inplace=False):
+    """(model, record): ``model`` with its constant subgraphs folded, and what was folded ({"nodes", "tensors"};
+    None when there was nothing to fold or the fold was refused). The input proto is untouched unless ``inplace``
+    (then an exact fold, Identity copies of initializers, edits it instead of a copy: one model in memory, not two)."""
     fixed, frontier = foldable(model)
     gi = GraphIndex(model, infer=False)
     frontier = [t for t in frontier if gi.producer.get(t) in fixed]
     if not frontier:
         return model, None
+    aliases = _identity_aliases(gi, fixed, frontier)
+    if aliases is not None:  # exact: renamed copies of initializers, nothing to run or to check
+        return _fold_aliases(model, aliases, source, inplace)
     try:
         values = _evaluate(model, fixed, frontier)
     except Exception as exc:  # noqa: BLE001 - an op onnxruntime cannot run alone: keep the graph as it is
@@ -125,6 +129,45 @@ def fold_constants(model, source=None):
         return model, None
     log.info("%s: folded %d constant tensor(s) computed by %d node(s)", source or "model", len(values), len(removed))
     return m, {"tensors": len(values), "nodes": len(removed)}
+
+
+def _identity_aliases(gi, fixed, frontier):
+    """{frontier tensor: initializer it copies} when every folded tensor is an Identity chain over an initializer
+    (the legacy torch exporter shares equal weights that way), else None."""
+    aliases = {}
+    for name in frontier:
+        source = name
+        while source in gi.producer and gi.producer[source] in fixed:
+            node = gi.nodes[gi.producer[source]]
+            if node.op_type != "Identity":
+                return None
+            source = node.input[0]
+        if source not in gi.initializers:
+            return None
+        aliases[name] = source
+    return aliases
+
+
+def _fold_aliases(model, aliases, source=None, inplace=False):
+    """``model`` with each Identity-copied tensor of ``aliases`` made an initializer of its own (same bytes)."""
+    from scanner.graph.surgery import drop_dead
+
+    m = model if inplace else copy_model(model)
+    g = m.graph
+    by_name = {t.name: t for t in g.initializer}
+    for name, origin in aliases.items():
+        t = g.initializer.add()
+        t.CopyFrom(by_name[origin])
+        t.name = name
+        if m.ir_version < 4:
+            vi = next(v for v in g.input if v.name == origin)
+            g.input.add().CopyFrom(vi)
+            g.input[-1].name = name
+    for node in g.node:
+        node.output[:] = ["" if o in aliases else o for o in node.output]
+    removed = drop_dead(m)
+    log.info("%s: folded %d Identity copies of initializers", source or "model", len(aliases))
+    return m, {"tensors": len(aliases), "nodes": len(removed)}
 
 
 def _same_outputs(a, b, source, tries=2):

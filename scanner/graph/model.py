@@ -51,7 +51,12 @@ class ModelFile:
         return np.dtype(self.input.dtype)
 
     def facts(self):
-        """Model facts for reports."""
+        """Model facts for reports (of the file as read: computed once, before anything edits the proto)."""
+        if getattr(self, "_facts", None) is None:
+            self._facts = self._read_facts()
+        return dict(self._facts)
+
+    def _read_facts(self):
         return {
             "path": str(self.path),
             "sha256": self.sha256,
