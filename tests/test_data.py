@@ -99,6 +99,35 @@ def test_nchw_nhwc_and_normalization():
     assert nhwc.dtype == np.uint8 and np.array_equal(nhwc, pixels)
 
 
+def _formula(pre, pixels):
+    """The preprocessing formula, step by step (what the fast paths must equal bit for bit)."""
+    x = (np.asarray(pixels, np.float32) * np.float32(pre.scale) - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2) if pre.layout == "NCHW" else x)
+
+
+@pytest.mark.parametrize("pre", [
+    Preprocess(size=(9, 7), color="rgb", layout="NCHW", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    Preprocess(size=(9, 7), color="bgr", layout="NHWC", scale=1.0, mean=(103.9, 116.8, 123.7), std=(1.0,)),
+    Preprocess(size=(9, 7), color="gray", layout="NCHW", mean=(0.5,), std=(0.5,)),
+    Preprocess(size=(9, 7), color="gray", layout="NHWC"),
+])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_fast_to_tensor_equals_the_formula_bit_for_bit(pre, dtype):
+    """uint8 pixels go through per-channel tables, float32 ones are normalized in place: same float32 values."""
+    rng = np.random.RandomState(0)
+    for n in (0, 1, 5):
+        pixels = rng.randint(0, 256, (n, 9, 7, pre.channels)).astype(dtype)
+        if dtype == np.float32:
+            pixels += rng.rand(*pixels.shape).astype(np.float32)  # blends and warps stamp fractions
+        want = _formula(pre, pixels)
+        got = pre.to_tensor(pixels)
+        assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, want)
+        buffer = np.full_like(want, np.nan)
+        assert pre.to_tensor(pixels, buffer) is buffer and np.array_equal(buffer, want)  # reused, all overwritten
+    odd = pixels[:, ::-1]  # a strided view
+    assert np.array_equal(pre.to_tensor(odd), _formula(pre, odd))
+
+
 def test_corrupt_files_are_counted_not_dropped_silently(tmp_path):
     import logging
 

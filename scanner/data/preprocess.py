@@ -86,8 +86,16 @@ class Preprocess:
             raise ScannerError("preprocessing 'std' must be non-zero and all values finite", source)
         return Preprocess(size, d["color"], d["layout"], d["dtype"], scale, mean, std, self.sources + [str(source)])
 
-    def to_tensor(self, pixels):
-        """(N, H, W, C) pixels 0-255 -> the model's input tensor."""
+    def to_tensor(self, pixels, out=None):
+        """(N, H, W, C) pixels 0-255 -> the model's input tensor (written into ``out`` when it fits).
+
+        uint8 pixels for a float32 model go through one 256-entry table per channel, written straight into
+        the model's layout: one pass, and the same float32 values as the formula below."""
+        pixels = np.asarray(pixels)
+        if pixels.dtype == np.uint8 and self.dtype == "float32" and pixels.ndim == 4:
+            return self._from_table(pixels, out)
+        if pixels.dtype == np.float32 and self.dtype == "float32" and pixels.ndim == 4:
+            return self._in_place(pixels, out)
         x = np.asarray(pixels, dtype=np.float32)
         if self.dtype in ("uint8", "int8"):
             x = x * np.float32(self.scale)
@@ -99,6 +107,44 @@ class Preprocess:
             info = np.iinfo(self.dtype)
             x = np.clip(np.rint(x), info.min, info.max)
         return np.ascontiguousarray(x.astype(self.dtype))
+
+
+    def _in_place(self, pixels, out=None):
+        """float32 pixels: the formula's three passes written into one (reused) array in the model's layout."""
+        n, h, w, c = pixels.shape
+        nchw = self.layout == "NCHW"
+        shape = (n, c, h, w) if nchw else (n, h, w, c)
+        if out is None or out.shape != shape or out.dtype != np.float32:
+            out = np.empty(shape, np.float32)
+        view = (lambda v: np.asarray(v, np.float32).reshape(-1, 1, 1)) if nchw else (lambda v: np.asarray(v, np.float32))
+        np.multiply(pixels.transpose(0, 3, 1, 2) if nchw else pixels, np.float32(self.scale), out=out)
+        out -= view(self.mean)
+        out /= view(self.std)
+        return out
+
+    def table(self):
+        """(C, 256) float32: what each 0-255 value of each channel becomes (the to_tensor formula)."""
+        if getattr(self, "_table", None) is None:
+            v = np.repeat(np.arange(256, dtype=np.float32)[:, None], self.channels, 1)  # (256, C), channels last
+            x = (v * np.float32(self.scale) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+            self._table = np.ascontiguousarray(x.T, np.float32)
+        return self._table
+
+    def _from_table(self, pixels, out=None):
+        from scanner.data.images import cv2  # OpenCV's LUT: threaded, exact (a table lookup)
+
+        n, h, w, c = pixels.shape
+        shape = (n, c, h, w) if self.layout == "NCHW" else (n, h, w, c)
+        if out is None or out.shape != shape or out.dtype != np.float32:
+            out = np.empty(shape, np.float32)
+        table = self.table()
+        if c not in (1, 3) or not n:
+            for k in range(c):
+                (out[:, k] if self.layout == "NCHW" else out[..., k])[...] = table[k][pixels[..., k]]
+            return out
+        looked = cv2.LUT(np.ascontiguousarray(pixels).reshape(n * h, w, c), np.ascontiguousarray(table.T)[None])
+        np.copyto(out, looked.reshape(n, h, w, c).transpose(0, 3, 1, 2) if self.layout == "NCHW" else looked.reshape(shape))
+        return out
 
 
 def default_preprocess(shape, dtype):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from scanner.graph.instrument import NORMS, instrument
-from scanner.runtime.session import Session
+from scanner.runtime.session import DEVICES, Session, serialized, wants_cuda
 
 
 @dataclass
@@ -52,14 +52,20 @@ class Runner:
         self.norm_kinds = tuple(k for k in NORMS if k in tuple(norms)) if self.layers else ()
         self.instrumented = None
         if self.norm_kinds or (masks and self.layers) or features:
-            self.instrumented = instrument(proto, self.layers, norms=self.norm_kinds, masks=masks, features=features)
-            proto = self.instrumented.model
+            kernels = "pool" if device in DEVICES and wants_cuda(device) else "reduce"  # the fast kernels differ
+            self.instrumented = instrument(proto, self.layers, norms=self.norm_kinds, masks=masks, features=features,
+                                           kernels=kernels)
+            proto = serialized(self.instrumented.model)
+            self.instrumented.model = None  # onnxruntime makes its own copy: ours would only be memory
         self.source = source
-        self.session = Session(proto, device=device, threads=threads, source=source)
+        # the memory pattern plans one block for every map alive at once: with the norm nodes it only costs memory
+        self.session = Session(proto, device=device, threads=threads, source=source, memory_pattern=self.instrumented is None)
+        del proto
         self.slices = [self.instrumented.slices[l.id] for l in self.layers] if self.instrumented else []
         self.channels = sum(hi - lo for lo, hi in self.slices)
         self.features = tuple(features)
         self.queries = 0
+        self._input = None
         self.progress = None
         """A :class:`scanner.progress.Progress` advanced by every image run, when set."""
 
@@ -93,7 +99,8 @@ class Runner:
         parts = {name: [] for name in names}
         for s in range(0, len(pixels), step):
             chunk = pixels[s : s + step]
-            out = self.session.run(self.pre.to_tensor(chunk), names, feeds)
+            self._input = self.pre.to_tensor(chunk, self._input)  # one input buffer, reused batch after batch
+            out = self.session.run(self._input, names, feeds)
             for name in names:
                 keep_shape = not flatten and name in self.features and name != self.scores_name
                 parts[name].append(out[name] if keep_shape else out[name].reshape(len(chunk), -1))
