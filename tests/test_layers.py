@@ -169,3 +169,19 @@ def test_every_graph_checks_and_discovers():
             assert len({l.id for l in layers}) == len(layers)
             assert sum(l.is_last_conv for l in layers) == int(any(l.op_type.startswith("Conv") for l in layers))
             assert all(np.all(np.array(l.spatial or ()) > 0) for l in layers)
+
+
+@pytest.mark.parametrize("name", sorted(graphs.ALL))
+def test_shape_inference_on_a_weightless_skeleton_gives_the_same_shapes(name, monkeypatch):
+    """Types and shapes come from a copy without the float weights' values: the same ValueInfo as inference on the
+    whole model, and what stays referenced is not a second copy of every weight."""
+    from scanner.graph import layers
+
+    monkeypatch.setattr(layers, "SKELETON_ELEMENTS", 4)  # the test graphs' weights are small: strip nearly all
+    model = graphs.ALL[name]()
+    full = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True).graph
+    want = {vi.name: vi for vi in list(full.input) + list(full.value_info) + list(full.output)}
+    assert layers._infer(model) == want
+    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 4]
+    kept = {t.name: t for t in layers._skeleton(model).graph.initializer}
+    assert floats and all(not kept[t.name].raw_data and not kept[t.name].float_data for t in floats)

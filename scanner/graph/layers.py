@@ -211,10 +211,37 @@ def _axis_shape(q, scale, axis):
     return tuple(shape)
 
 
+SKELETON_ELEMENTS = 1024
+"""Float initializers larger than this go to shape inference as shape and type only (their values never decide a
+shape; integer tensors, which can, keep their values)."""
+
+
+def _skeleton(model):
+    """A copy of ``model`` without the values of its large float initializers: what shape inference needs. (The
+    inferred model stays referenced by the ValueInfo it gives: a full copy would keep every weight twice.)"""
+    sk = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name, domain=model.domain)
+    sk.opset_import.extend(model.opset_import)
+    sk.functions.extend(model.functions)  # model-local functions take part in inference
+    g, sg = model.graph, sk.graph
+    sg.name = g.name
+    sg.node.extend(g.node)
+    sg.input.extend(g.input)
+    sg.output.extend(g.output)
+    sg.value_info.extend(g.value_info)
+    sg.sparse_initializer.extend(g.sparse_initializer)
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+    for t in g.initializer:
+        if t.data_type in floats and int(np.prod(t.dims, dtype=np.int64)) > SKELETON_ELEMENTS:
+            sg.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+        else:
+            sg.initializer.add().CopyFrom(t)
+    return sk
+
+
 def _infer(model):
-    """ValueInfo by tensor name after onnx shape inference on a copy (empty when inference fails)."""
+    """ValueInfo by tensor name after onnx shape inference on a weightless copy (empty when inference fails)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - huge or odd models: go on without shapes
         inferred = model
     g = inferred.graph
