@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from scanner.errors import ScannerError
-from scanner.graph.instrument import NORMS, instrument
+from scanner.graph.instrument import KERNELS, NORMS, PREFIX, instrument
 from scanner.graph.layers import discover, select
 
 run = graphs.run
@@ -41,12 +41,13 @@ def check_norms(inst, out, atol=1e-6):
             )
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("opset", graphs.OPSETS)
 @pytest.mark.parametrize("name", sorted(graphs.ALL))
-def test_norms_equal_numpy_all_layers(name, opset):
+def test_norms_equal_numpy_all_layers(name, opset, kernels):
     model = graphs.ALL[name](opset=opset)
     layers = discover(model)
-    inst = instrument(model, layers, expose=True)
+    inst = instrument(model, layers, expose=True, kernels=kernels)
     onnx.checker.check_model(inst.model, full_check=True)
     x = graphs.inputs(model, n=3)
     out = run(inst.model, x)
@@ -97,20 +98,67 @@ def test_post_activation_reads_leave_logits_bitwise_identical(name):
     assert np.array_equal(run(instrument(model, layers).model, x)["logits"], run(model, x)["logits"])
 
 
-def test_pooling_ops_on_maps_and_no_lp_pool():
+def added_ops(inst):
+    return [n.op_type for n in inst.model.graph.node if n.name.startswith(PREFIX + "/")]
+
+
+def test_pooling_kernels_on_maps_and_no_lp_pool():
     model = graphs.conv_bn_relu(opset=20)
-    inst = instrument(model, [l for l in discover(model) if l.op_type == "Conv"])
-    ops = {n.op_type for n in inst.model.graph.node[len(model.graph.node) :]}
-    assert {"GlobalMaxPool", "GlobalAveragePool", "Concat"} <= ops
+    inst = instrument(model, [l for l in discover(model) if l.op_type == "Conv"], kernels="pool")
+    ops = set(added_ops(inst))
+    assert {"GlobalMaxPool", "GlobalAveragePool"} <= ops
     assert not ops & {"GlobalLpPool", "ReduceMax", "ReduceSum", "ReduceL1", "ReduceL2", "Abs"}  # post-Relu maps
-    assert sum(n.op_type == "Concat" for n in inst.model.graph.node) == 3
+    assert len(inst.norm_outputs) == 3
+
+
+@pytest.mark.parametrize("opset", graphs.OPSETS)
+def test_reduce_kernels_make_no_full_size_map(opset):
+    """The CPU formulation reduces each map in place: no Abs, no a*a, no pooling (NCHWc reorders aside)."""
+    for model, signed in ((graphs.conv_bn_relu(opset=opset), False), (graphs.residual(opset=opset), True)):
+        layers = [l for l in discover(model) if l.op_type == "Conv"]
+        ops = added_ops(instrument(model, layers))
+        assert not set(ops) & {"Abs", "Mul", "GlobalMaxPool", "GlobalAveragePool", "GlobalLpPool"}
+        assert {"ReduceMax", "ReduceL2"} <= set(ops)
+        assert ("ReduceL1" in ops and "ReduceMin" in ops) == signed
+    tokens = graphs.tokens(opset=opset)  # channel-last token reads: the same forms over the tokens
+    ops = added_ops(instrument(tokens, [l for l in discover(tokens) if l.rank == 3]))
+    assert ops and not set(ops) & {"Abs", "Mul"} and "ReduceL2" in ops
 
 
 def test_signed_maps_take_abs():
     model = graphs.residual()
     conv2 = [l for l in discover(model) if l.is_last_conv]
-    inst = instrument(model, conv2)
+    inst = instrument(model, conv2, kernels="pool")
     assert any(n.op_type == "Abs" for n in inst.model.graph.node)
+
+
+def test_each_layers_norms_run_right_after_its_map(tmp_path):
+    """onnxruntime's default schedule computes a layer's norms before the next layer's conv, not all at the end
+    (every map would stay alive until then: memory grows with the layers, and the norms read cold memory)."""
+    from scanner.runtime.session import ort
+
+    model = onnx.load(MODELS / "resnet_badnets.onnx")
+    layers = [l for l in discover(model) if l.op_type == "Conv"]
+    inst = instrument(model, layers)
+    rt = ort()
+    opts = rt.SessionOptions()
+    opts.enable_profiling, opts.profile_file_prefix = True, str(tmp_path / "p")
+    s = rt.InferenceSession(inst.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    s.run(None, {s.get_inputs()[0].name: np.zeros((2, 1, 28, 28), np.float32)})
+    import json
+
+    events = sorted((e for e in json.load(open(s.end_profiling())) if e.get("cat") == "Node"), key=lambda e: e["ts"])
+    order = [(e["name"], e["args"]["op_name"]) for e in events if e["name"].endswith("_kernel_time")]
+    first_norm = {}  # layer index -> position of its first norm node
+    for i, (name, _) in enumerate(order):
+        if name.startswith(PREFIX + "/L"):
+            first_norm.setdefault(int(name.split("/")[1][1:]), i)
+    convs = [i for i, (_, op) in enumerate(order) if op in ("Conv", "FusedConv")]
+    assert len(first_norm) == len(layers) and len(convs) >= len(layers)
+    for layer in layers[:-1]:  # before the conv that makes the next layer's map
+        nxt = [i for i in convs if i > first_norm[layer.index]]
+        assert nxt, f"layer {layer.index}'s norms ran after every conv"
+    assert sorted(first_norm.values()) == [first_norm[l.index] for l in sorted(layers, key=lambda l: l.index)]
 
 
 def test_norm_subset_and_empty_layers():

@@ -1,14 +1,18 @@
 """In-graph per-channel norms: the scanner's measuring instrument.
 
 Per image and channel of a layer's read tensor: l-inf = max |a|, l1 = sum |a|, l2 = sqrt(sum a^2) over spatial
-positions (tokens for rank-3 reads). Only (N, C) arrays leave the runtime, one Concat output per norm.
+positions (tokens for rank-3 reads). Only (N, C) arrays leave the runtime, one output per norm.
 
-Conv maps use pooling kernels, which cost next to nothing (../shared/NOTES.md)::
+Two formulations of the conv-map norms, one per execution provider (``kernels``), because the fast kernels
+differ (../shared/NOTES.md, benchmarks/RESULTS.md)::
 
-    linf = GlobalMaxPool(|a|)      l1 = GlobalAveragePool(|a|) * H*W      l2 = sqrt(GlobalAveragePool(a*a) * H*W)
+    "reduce" (CPU): linf = ReduceMax(a) or Max(ReduceMax(a), -ReduceMin(a))   l1 = ReduceSum(a) or ReduceL1(a)
+                    l2 = ReduceL2(a)                       (no full-size intermediate map)
+    "pool" (CUDA):  linf = GlobalMaxPool(|a|)   l1 = GlobalAveragePool(|a|) * H*W   l2 = sqrt(GlobalAveragePool(a*a) * H*W)
 
-``|a|`` is ``a`` itself for provably non-negative maps (after Relu, ...). Rank-2 reads give ``|a|`` for all
-three norms; channel-last token reads (N, T, C) use ReduceMax / ReduceSum / ReduceSumSquare over the tokens.
+``|a|`` is ``a`` itself for provably non-negative maps (after Relu, ...), which take the first forms. Rank-2
+reads give ``|a|`` for all three norms; channel-last token reads (N, T, C) reduce over the tokens (the "reduce"
+forms; with "pool", ReduceMax / ReduceSum of ``|a|`` and ReduceSumSquare).
 """
 
 from collections import defaultdict
@@ -88,15 +92,36 @@ class _Builder:
 
     def reduce(self, op_type, x, axes, tag):
         """Reduce* over ``axes`` without keepdims, in the form the opset allows (axes input from 18; 13 for ReduceSum)."""
-        since = 13 if op_type == "ReduceSum" else 18
+        since = 13 if op_type == "ReduceSum" else 18  # ReduceMax/Min/L1/L2/SumSquare: axes input from opset 18
         if self.opset >= since:
             return self.op(op_type, [x, self.const(np.array(axes, np.int64), tag)], tag, keepdims=0)
         return self.op(op_type, [x], tag, axes=list(axes), keepdims=0)
 
 
-def _norm_parts(b, layer, x, wanted):
+KERNELS = ("reduce", "pool")
+
+
+def _reduced_parts(b, layer, x, wanted):
+    """{norm: (N, C)} of a map (channel-first) or token read (channel-last) by Reduce* over its spatial / token
+    axes, without a full-size intermediate."""
+    tag = f"L{layer.index}"
+    axes = list(range(2, layer.rank)) if layer.channel_axis == 1 else list(range(1, layer.rank - 1))
+    parts = {}
+    if "linf" in wanted:
+        top = b.reduce("ReduceMax", x, axes, tag)
+        parts["linf"] = top if layer.nonnegative else b.op("Max", [top, b.op("Neg", [b.reduce("ReduceMin", x, axes, tag)], tag)], tag)
+    if "l1" in wanted:
+        parts["l1"] = b.reduce("ReduceSum" if layer.nonnegative else "ReduceL1", x, axes, tag)
+    if "l2" in wanted:
+        parts["l2"] = b.reduce("ReduceL2", x, axes, tag)
+    return parts
+
+
+def _norm_parts(b, layer, x, wanted, kernels="reduce"):
     """{norm: (N, C) tensor} for one layer's read tensor ``x`` (float32)."""
     tag = f"L{layer.index}"
+    if layer.rank > 2 and kernels == "reduce":
+        return _reduced_parts(b, layer, x, wanted)
     a = x if layer.nonnegative else b.op("Abs", [x], tag)
     if layer.rank == 2:
         return {k: a for k in wanted}
@@ -151,13 +176,16 @@ def _wanted_norms(norms):
     return tuple(k for k in NORMS if k in wanted)
 
 
-def instrument(model, layers, norms=True, masks=False, expose=False, features=()):
+def instrument(model, layers, norms=True, masks=False, expose=False, features=(), kernels="reduce"):
     """A copy of ``model`` with per-channel norms of ``layers`` as extra outputs (the input is not modified).
 
-    ``norms``: True, False or a subset of NORMS. ``masks``: add a float32 (C,) input per layer that multiplies
-    the read tensor (all ones = unchanged; feed 0/1 values). ``expose``: the raw read tensors as outputs.
+    ``norms``: True, False or a subset of NORMS. ``kernels``: "reduce" (fast on CPU) or "pool" (fast on CUDA).
+    ``masks``: add a float32 (C,) input per layer that multiplies the read tensor (all ones = unchanged; feed 0/1
+    values). ``expose``: the raw read tensors as outputs.
     ``features``: extra tensor names to expose as outputs.
     """
+    if kernels not in KERNELS:
+        raise ScannerError(f"unknown norm kernels {kernels!r}; choose from {', '.join(KERNELS)}")
     m = copy_model(model)
     g = m.graph
     gi = GraphIndex(m)
@@ -166,7 +194,7 @@ def instrument(model, layers, norms=True, masks=False, expose=False, features=()
     layers = list({l.id: l for l in layers}.values())
     result = Instrumented(model=m, layers=layers)
     after = defaultdict(list)  # producer node index -> mask nodes to insert after it
-    parts = {k: [] for k in wanted}
+    groups = []  # per layer: (its norm nodes, {norm: (N, C) tensor})
     start = 0
     for layer in layers:
         if layer.read not in gi.producer:
@@ -177,21 +205,17 @@ def instrument(model, layers, norms=True, masks=False, expose=False, features=()
         elem = gi.elem_type(layer.read)
         if masks:
             result.mask_inputs[layer.id] = _add_mask(b, g, gi, layer, elem, after)
-        x = layer.read if elem == TensorProto.FLOAT else b.op("Cast", [layer.read], tag, to=TensorProto.FLOAT)
-        for k, t in _norm_parts(b, layer, x, wanted).items():
-            parts[k].append(t)
+        if wanted:
+            saved, b.nodes = b.nodes, []
+            x = layer.read if elem == TensorProto.FLOAT else b.op("Cast", [layer.read], tag, to=TensorProto.FLOAT)
+            parts = _norm_parts(b, layer, x, wanted, kernels)
+            groups.append((b.nodes, parts))
+            b.nodes = saved
         result.slices[layer.id] = (start, start + layer.channels)
         start += layer.channels
         if expose:
             result.taps[layer.id] = layer.read
-    tail = b.nodes
-    b.nodes = []
-    for k in wanted:
-        if parts[k]:
-            out = b.names(f"{PREFIX}_{k}")
-            b.nodes.append(helper.make_node("Concat", parts[k], [out], name=b.names(f"{PREFIX}/{k}/Concat"), axis=1))
-            g.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch_dim(gi), start]))
-            result.norm_outputs[k] = out
+    tail = _norm_outputs(b, g, gi, layers, groups, wanted, result)
     existing = {o.name for o in g.output}
     for name in list(result.taps.values()) + list(features):
         if name not in gi.producer and name not in gi.inputs and name not in gi.initializers:
@@ -205,9 +229,53 @@ def instrument(model, layers, norms=True, masks=False, expose=False, features=()
         nodes.append(node)
         nodes.extend(after.get(i, ()))
     del g.node[:]
-    g.node.extend(nodes + tail + b.nodes)
+    g.node.extend(nodes + tail)
     g.initializer.extend(b.inits)
     return result
+
+
+def _norm_outputs(b, g, gi, layers, groups, wanted, result):
+    """The nodes that take every layer's norms and give one (N, channels) output per norm kind.
+
+    Order matters to onnxruntime's default schedule, a depth-first walk back from the graph's last nodes that
+    visits a node's highest-numbered input first: with the layers' norm nodes placed last to first, and every
+    layer joined into one Concat, the walk reaches the first layer's norms first and computes each layer's norms
+    right after its map, which is then freed (hot in cache; memory does not grow with the number of layers).
+    """
+    if not groups:
+        return []
+    nodes, joined, width = [], [], 0
+    offsets = {}
+    for layer, (group, parts) in reversed(list(zip(layers, groups))):
+        nodes.extend(group)
+        if len(wanted) == 1:
+            joined.append(parts[wanted[0]])
+        else:
+            out = b.op("Concat", [parts[k] for k in wanted], f"L{layer.index}", axis=1)
+            nodes.extend(b.nodes)
+            b.nodes = []
+            joined.append(out)
+    joined.reverse()
+    for layer in layers:
+        offsets[layer.id] = width
+        width += len(wanted) * layer.channels
+    total = width // len(wanted)
+    if len(wanted) == 1:
+        out = b.names(f"{PREFIX}_{wanted[0]}")
+        nodes.append(helper.make_node("Concat", joined, [out], name=b.names(f"{PREFIX}/norms/Concat"), axis=1))
+        g.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch_dim(gi), total]))
+        result.norm_outputs[wanted[0]] = out
+        return nodes
+    every = b.op("Concat", joined, "norms", axis=1)
+    nodes.extend(b.nodes)
+    b.nodes = []
+    for j, k in enumerate(wanted):
+        columns = np.concatenate([offsets[l.id] + j * l.channels + np.arange(l.channels) for l in layers]).astype(np.int64)
+        out = b.names(f"{PREFIX}_{k}")
+        nodes.append(helper.make_node("Gather", [every, b.const(columns, k)], [out], name=b.names(f"{PREFIX}/{k}/Gather"), axis=1))
+        g.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch_dim(gi), total]))
+        result.norm_outputs[k] = out
+    return nodes
 
 
 def _add_mask(b, g, gi, layer, elem, after):

@@ -33,31 +33,44 @@ def ort():
     return _ORT
 
 
+def check_device(device):
+    """Raise the one-line error for a ``device`` this onnxruntime cannot give (before any model is opened)."""
+    if device not in DEVICES:
+        raise ScannerError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda" and "CUDAExecutionProvider" not in ort().get_available_providers():
+        raise ScannerError("--device cuda: this onnxruntime has no CUDA provider; pip install 'scanner[gpu]'")
+
+
+def wants_cuda(device):
+    """Whether a session for ``device`` will ask for the CUDA provider (``auto``: when this onnxruntime has it)."""
+    return device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in ort().get_available_providers())
+
+
 class Session:
     """An onnxruntime session for one model with the provider the user asked for.
 
     ``run`` takes the image input (any batch size) and extra feeds; it splits batches to fit a model
-    exported with a fixed batch size.
+    exported with a fixed batch size. ``memory_pattern``: onnxruntime's preplanned memory block (off for
+    instrumented models, where it costs memory and buys nothing measurable: benchmarks/RESULTS.md).
     """
 
-    def __init__(self, model, device="auto", threads=None, source=None):
+    def __init__(self, model, device="auto", threads=None, source=None, memory_pattern=True):
+        """``model``: a path, a ModelProto or its serialized bytes."""
         rt = ort()
         self.source = source if source is not None else (model if isinstance(model, (str, os.PathLike)) else None)
-        if device not in DEVICES:
-            raise ScannerError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+        check_device(device)
         opts = rt.SessionOptions()
         opts.log_severity_level = 4
+        opts.enable_mem_pattern = bool(memory_pattern)
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
-        available = rt.get_available_providers()
-        want_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
-        if device == "cuda" and "CUDAExecutionProvider" not in available:
-            raise ScannerError("--device cuda: this onnxruntime has no CUDA provider; pip install 'scanner[gpu]'")
+        want_cuda = wants_cuda(device)
         providers = ["CPUExecutionProvider"]
         if want_cuda:
             providers = [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}), "CPUExecutionProvider"]
         self.session = self._create(model, opts, providers, self.source)
+        release_freed_memory()
         self.provider = self.session.get_providers()[0]
         if want_cuda and self.provider != "CUDAExecutionProvider":
             if device == "cuda":
@@ -79,7 +92,7 @@ class Session:
         try:
             if isinstance(model, (str, os.PathLike)):
                 return rt.InferenceSession(str(model), opts, providers=providers)
-            data = _serialize(model)
+            data = model if isinstance(model, bytes) else _serialize(model)
             if data is not None:
                 return rt.InferenceSession(data, opts, providers=providers)
             return _session_via_file(rt, model, opts, providers)
@@ -112,6 +125,30 @@ class Session:
         if len(parts) == 1:
             return dict(zip(names, parts[0]))
         return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
+
+
+def serialized(model):
+    """The bytes of a ModelProto for a session, or the proto itself when it is over the 2 GB protobuf limit."""
+    data = _serialize(model)
+    return model if data is None else data
+
+
+def release_freed_memory():
+    """Hand the heap that freed protos leave behind back to the system (glibc keeps it otherwise: a model's size
+    or more, for the whole run). A no-op where the C library has no malloc_trim."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def _serialize(model):
