@@ -45,6 +45,19 @@ def test_wrong_flag_is_exit_2(run_cli):
     assert code == 2 and "no such option" in err.lower() and out == ""
 
 
+@pytest.mark.parametrize("cmd", ["scan", "gate"])
+def test_cuda_without_a_cuda_runtime_fails_loudly(run_cli, cmd):
+    """`--device cuda` on an onnxruntime without the CUDA provider: one line saying so, exit 2, never a silent
+    fall back to the CPU (onnxruntime-gpu on a machine without a GPU would fall back: that is refused too)."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    code, out, err = run_cli(cmd, zoo_path("cnn_clean"), "--data", CLEAN, "--device", "cuda", "--format", "json")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert "--device cuda" in err and "scanner[gpu]" in err
+
+
 def test_bad_model_is_one_line_exit_2(run_cli, tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"this is not a model")

@@ -29,6 +29,7 @@ from scanner.detect.synthesis import Config, Synthesizer, queries_for, search_ru
 from scanner.detect.verdict import decide
 from scanner.errors import EXIT_ERROR, EXIT_FINDINGS, EXIT_NOTHING, EXIT_OK, NothingToAnalyse, ScannerError
 from scanner.policy import DEFAULT_POLICY, EXIT_OF, STATUSES, judge
+from scanner.runtime.session import check_device
 
 log = logging.getLogger("scanner")
 SCHEMA = "scanner.gate/1"
@@ -197,6 +198,7 @@ def run_gate(models, data, policy=None, preprocess=None, device="auto", threads=
             if view is not None:
                 artefacts[entry["path"]] = view
     elif executor == "local":
+        check_device(device)  # a setting every model would fail on: one error, not one per model
         for i, path in enumerate(paths):
             log.info("[%d/%d] %s", i + 1, len(paths), path)
             entry, art = gate_model(path, images, policy, preprocess, device, threads, keep, batch_size, scores)
