@@ -93,81 +93,81 @@ def _as_cast(gi, node):
 
 def fold_constants(model, source=None, inplace=False):
     """(model, record): ``model`` with its constant subgraphs folded, and what was folded ({"nodes", "tensors"};
-    None when there was nothing to fold or the fold was refused). The input proto is untouched unless ``inplace``
-    (then an exact fold, Identity copies of initializers, edits it instead of a copy: one model in memory, not two)."""
+    None when there was nothing to fold or the fold was refused).
+
+    Exact folds are not checked by running the model: Identity copies of initializers (how torch's legacy exporter
+    shares weights) become renamed initializers, and integer tensors (shape arithmetic) are computed by
+    onnxruntime from those nodes alone. A fold that computes float values is checked against the original on
+    random inputs. The input proto is untouched unless ``inplace`` (then an exact fold edits it instead of a copy:
+    one model in memory, not two)."""
     fixed, frontier = foldable(model)
     gi = GraphIndex(model, infer=False)
     frontier = [t for t in frontier if gi.producer.get(t) in fixed]
     if not frontier:
         return model, None
     aliases = _identity_aliases(gi, fixed, frontier)
-    if aliases is not None:  # exact: renamed copies of initializers, nothing to run or to check
-        return _fold_aliases(model, aliases, source, inplace)
-    try:
-        values = _evaluate(model, fixed, frontier)
-    except Exception as exc:  # noqa: BLE001 - an op onnxruntime cannot run alone: keep the graph as it is
-        log.warning("%s: could not fold %d constant tensor(s) (%s); layers whose weights they are will be left out",
-                    source or "model", len(frontier), " ".join(str(exc).split())[:160])
+    computed = [t for t in frontier if t not in aliases]
+    values = {}
+    if computed:
+        try:
+            values = _evaluate(model, _ancestors(gi, fixed, computed), computed)
+        except Exception as exc:  # noqa: BLE001 - an op onnxruntime cannot run alone: keep the graph as it is
+            log.warning("%s: could not fold %d constant tensor(s) (%s); layers whose weights they are will be left out",
+                        source or "model", len(computed), " ".join(str(exc).split())[:160])
+            values = {}
+        values = {t: v for t, v in values.items() if np.size(v) <= MAX_FOLDED_ELEMENTS}
+    if not values and not aliases:
         return model, None
-    big = [t for t, v in values.items() if np.size(v) > MAX_FOLDED_ELEMENTS]
-    values = {t: v for t, v in values.items() if t not in big}
-    if not values:
-        return model, None
+    exact = all(np.asarray(v).dtype.kind in "iub" for v in values.values())
     from scanner.graph.surgery import drop_dead
 
-    m = copy_model(model)
-    g = m.graph
-    for name, value in values.items():
-        g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
-        if m.ir_version < 4:  # IR 3: every initializer is also a graph input
-            g.input.append(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype),
-                                                              list(np.shape(value))))
-    for node in g.node:  # the folded tensors now come from initializers: their producers lose those outputs
-        node.output[:] = ["" if o in values else o for o in node.output]
-    removed = drop_dead(m)
-    if not _same_outputs(model, m, source):
-        return model, None
-    log.info("%s: folded %d constant tensor(s) computed by %d node(s)", source or "model", len(values), len(removed))
-    return m, {"tensors": len(values), "nodes": len(removed)}
-
-
-def _identity_aliases(gi, fixed, frontier):
-    """{frontier tensor: initializer it copies} when every folded tensor is an Identity chain over an initializer
-    (the legacy torch exporter shares equal weights that way), else None."""
-    aliases = {}
-    for name in frontier:
-        source = name
-        while source in gi.producer and gi.producer[source] in fixed:
-            node = gi.nodes[gi.producer[source]]
-            if node.op_type != "Identity":
-                return None
-            source = node.input[0]
-        if source not in gi.initializers:
-            return None
-        aliases[name] = source
-    return aliases
-
-
-def _fold_aliases(model, aliases, source=None, inplace=False):
-    """``model`` with each Identity-copied tensor of ``aliases`` made an initializer of its own (same bytes)."""
-    from scanner.graph.surgery import drop_dead
-
-    m = model if inplace else copy_model(model)
+    m = model if inplace and exact else copy_model(model)
     g = m.graph
     by_name = {t.name: t for t in g.initializer}
     for name, origin in aliases.items():
         t = g.initializer.add()
         t.CopyFrom(by_name[origin])
         t.name = name
-        if m.ir_version < 4:
-            vi = next(v for v in g.input if v.name == origin)
-            g.input.add().CopyFrom(vi)
-            g.input[-1].name = name
-    for node in g.node:
-        node.output[:] = ["" if o in aliases else o for o in node.output]
+    for name, value in values.items():
+        g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    if m.ir_version < 4:  # IR 3: every initializer is also a graph input
+        for name in list(aliases) + list(values):
+            t = next(t for t in g.initializer if t.name == name)
+            g.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    done = set(aliases) | set(values)
+    for node in g.node:  # the folded tensors now come from initializers: their producers lose those outputs
+        node.output[:] = ["" if o in done else o for o in node.output]
     removed = drop_dead(m)
-    log.info("%s: folded %d Identity copies of initializers", source or "model", len(aliases))
-    return m, {"tensors": len(aliases), "nodes": len(removed)}
+    if not exact and not _same_outputs(model, m, source):
+        return model, None
+    log.info("%s: folded %d constant tensor(s) computed by %d node(s)%s", source or "model", len(done), len(removed),
+             "" if exact else " (checked on random inputs)")
+    return m, {"tensors": len(done), "nodes": len(removed)}
+
+
+def _identity_aliases(gi, fixed, frontier):
+    """{frontier tensor: initializer it copies} for the folded tensors that are an Identity chain over an
+    initializer."""
+    aliases = {}
+    for name in frontier:
+        source = name
+        while source in gi.producer and gi.producer[source] in fixed and gi.nodes[gi.producer[source]].op_type == "Identity":
+            source = gi.nodes[gi.producer[source]].input[0]
+        if source in gi.initializers:
+            aliases[name] = source
+    return aliases
+
+
+def _ancestors(gi, fixed, tensors):
+    """The fixed nodes that ``tensors`` are computed from."""
+    need, todo = set(), list(tensors)
+    while todo:
+        i = gi.producer.get(todo.pop())
+        if i is None or i not in fixed or i in need:
+            continue
+        need.add(i)
+        todo.extend(x for x in gi.nodes[i].input if x)
+    return need
 
 
 def _same_outputs(a, b, source, tries=2):
