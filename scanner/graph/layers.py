@@ -231,7 +231,8 @@ def _skeleton(model):
     sg.sparse_initializer.extend(g.sparse_initializer)
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
     for t in g.initializer:
-        if t.data_type in floats and int(np.prod(t.dims, dtype=np.int64)) > SKELETON_ELEMENTS:
+        if t.data_location == onnx.TensorProto.EXTERNAL or (
+                t.data_type in floats and int(np.prod(t.dims, dtype=np.int64)) > SKELETON_ELEMENTS):
             sg.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
         else:
             sg.initializer.add().CopyFrom(t)

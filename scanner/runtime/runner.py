@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from scanner.graph.instrument import NORMS, instrument
-from scanner.runtime.session import DEVICES, Session, serialized, wants_cuda
+from scanner.runtime.session import DEVICES, Detached, Session, detach, wants_cuda
 
 
 @dataclass
@@ -53,9 +53,10 @@ class Runner:
         self.instrumented = None
         if self.norm_kinds or (masks and self.layers) or features:
             kernels = "pool" if device in DEVICES and wants_cuda(device) else "reduce"  # the fast kernels differ
-            self.instrumented = instrument(proto, self.layers, norms=self.norm_kinds, masks=masks, features=features,
-                                           kernels=kernels)
-            proto = serialized(self.instrumented.model)
+            detached = detach(proto)  # instrument the graph alone: the weights go to onnxruntime beside it
+            self.instrumented = instrument(detached.skeleton, self.layers, norms=self.norm_kinds, masks=masks,
+                                           features=features, kernels=kernels)
+            proto = Detached(self.instrumented.model, detached.weights)
             self.instrumented.model = None  # onnxruntime makes its own copy: ours would only be memory
         self.source = source
         # the memory pattern plans one block for every map alive at once: with the norm nodes it only costs memory

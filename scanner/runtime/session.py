@@ -2,6 +2,7 @@
 
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -55,16 +56,22 @@ class Session:
     """
 
     def __init__(self, model, device="auto", threads=None, source=None, memory_pattern=True):
-        """``model``: a path, a ModelProto or its serialized bytes."""
+        """``model``: a path, a ModelProto, its serialized bytes or a :class:`Detached` one."""
         rt = ort()
         self.source = source if source is not None else (model if isinstance(model, (str, os.PathLike)) else None)
         check_device(device)
-        opts = rt.SessionOptions()
-        opts.log_severity_level = 4
-        opts.enable_mem_pattern = bool(memory_pattern)
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
+
+        def opts():
+            o = rt.SessionOptions()
+            o.log_severity_level = 4
+            o.enable_mem_pattern = bool(memory_pattern)
+            if threads:
+                o.intra_op_num_threads = int(threads)
+                o.inter_op_num_threads = 1
+            return o
+
+        if isinstance(model, onnx_model_type()):
+            model = detach(model)
         want_cuda = wants_cuda(device)
         providers = ["CPUExecutionProvider"]
         if want_cuda:
@@ -88,14 +95,20 @@ class Session:
 
     @staticmethod
     def _create(model, opts, providers, source=None):
+        """A session of ``model``; ``opts`` makes fresh SessionOptions (a Detached model's weights go into them)."""
         rt = ort()
         try:
             if isinstance(model, (str, os.PathLike)):
-                return rt.InferenceSession(str(model), opts, providers=providers)
+                return rt.InferenceSession(str(model), opts(), providers=providers)
+            o = opts()
+            if isinstance(model, Detached):
+                names = list(model.weights)
+                o.add_external_initializers(names, [rt.OrtValue.ortvalue_from_numpy(model.weights[n]) for n in names])
+                model = model.skeleton
             data = model if isinstance(model, bytes) else _serialize(model)
             if data is not None:
-                return rt.InferenceSession(data, opts, providers=providers)
-            return _session_via_file(rt, model, opts, providers)
+                return rt.InferenceSession(data, o, providers=providers)
+            return _session_via_file(rt, model, o, providers)
         except ScannerError:
             raise
         except MemoryError:
@@ -127,10 +140,61 @@ class Session:
         return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
 
 
-def serialized(model):
-    """The bytes of a ModelProto for a session, or the proto itself when it is over the 2 GB protobuf limit."""
-    data = _serialize(model)
-    return model if data is None else data
+DETACH_BYTES = 4096
+"""Initializers larger than this go to a session beside the graph (:func:`detach`), not inside its bytes."""
+
+
+@dataclass
+class Detached:
+    """A model for a session as a graph without its large weights (``skeleton``, each such initializer marked as
+    external data) and those weights as arrays. onnxruntime copies them straight in: no protobuf bytes of the
+    weights are written and parsed again (1.3 s and a model-sized buffer for ViT-B/16)."""
+
+    skeleton: object
+    weights: dict
+
+
+def detach(model):
+    """A :class:`Detached` copy of ModelProto ``model`` (the proto is not modified)."""
+    from onnx import TensorProto, numpy_helper
+
+    sk = onnx_model_type()()
+    _copy_fields(model, sk, skip="graph")
+    g, sg = model.graph, sk.graph
+    _copy_fields(g, sg, skip="initializer")
+    weights = {}
+    kinds = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16, TensorProto.INT8,
+             TensorProto.UINT8)  # weights; integer index and shape tensors stay where shape inference reads them
+    for t in g.initializer:
+        if t.data_location == TensorProto.EXTERNAL or t.data_type not in kinds or not t.HasField("raw_data") \
+                or len(t.raw_data) <= DETACH_BYTES:
+            sg.initializer.add().CopyFrom(t)
+            continue
+        weights[t.name] = numpy_helper.to_array(t)
+        kept = sg.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims, data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", "scanner-detached"), ("offset", "0"), ("length", str(weights[t.name].nbytes))):
+            kept.external_data.add(key=key, value=value)
+    return Detached(sk, weights)
+
+
+def _copy_fields(src, dst, skip):
+    """Copy every set field of protobuf message ``src`` into ``dst`` except ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        field = getattr(dst, fd.name)
+        if hasattr(value, "CopyFrom"):  # a message
+            field.CopyFrom(value)
+        elif hasattr(field, "extend"):  # a repeated field
+            field.extend(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def onnx_model_type():
+    import onnx
+
+    return onnx.ModelProto
 
 
 def release_freed_memory():
@@ -152,15 +216,17 @@ _TRIM = None
 
 
 def _serialize(model):
-    """The model's bytes, or None when it is over the 2 GB protobuf limit."""
-    from scanner.graph.model import over_2gb
-
-    if over_2gb(model):
-        return None
+    """The model's bytes, or None when it is over the 2 GB protobuf limit (protobuf refuses to write it: asking
+    first, with ByteSize, cost as long as writing it)."""
     try:
-        return model.SerializeToString()
+        data = model.SerializeToString()
     except Exception:  # noqa: BLE001 - protobuf EncodeError "Failed to serialize proto": over 2 GB
         return None
+    return data if len(data) <= MAX_SESSION_BYTES else None
+
+
+MAX_SESSION_BYTES = 2**31 - 1 - (1 << 20)
+"""Largest serialized model a session is made from in memory (the 2 GB protobuf limit, 1 MiB of headroom)."""
 
 
 def _session_via_file(rt, model, opts, providers):
