@@ -36,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from models import metrics  # noqa: E402
 from results import write_section  # noqa: E402
 from scanner.context import ModelContext  # noqa: E402
 from scanner.data.triggers import Trigger  # noqa: E402
@@ -274,41 +275,19 @@ def rgb_entries():
     return json.loads(path.read_text())["models"]
 
 
-_RGB_SAMPLES = {}
-
-
-def rgb_sample(dataset):
-    """The committed test sample of ``dataset``: (uint8 images N, H, W, 3; int64 labels)."""
-    if dataset not in _RGB_SAMPLES:
-        with np.load(RGB / "data" / f"{dataset}_test.npz") as z:
-            _RGB_SAMPLES[dataset] = (z["images"], z["labels"].astype(np.int64))
-    return _RGB_SAMPLES[dataset]
-
-
-def rgb_asr(path, entry, trig, target, x, y):
-    """Attack success rate of ``trig`` on the model at ``path``, as tests/test_zoo_rgb.py defines it: all-to-all
-    over all images, success = predicted (y + 1) mod classes; source-specific over the source class's images;
-    otherwise over the images whose label is not the target."""
-    if entry.get("attack_params", {}).get("all_to_all"):
-        return float((predict(path, trig.apply(x)) == (y + 1) % entry["classes"]).mean())
-    if entry.get("source_class") is not None:
-        src = y == entry["source_class"]
-        return float((predict(path, trig.apply(x[src])) == target).mean())
-    keep = y != target
-    return float((predict(path, trig.apply(x[keep])) == target).mean())
-
-
 def rgb_measure(path, entry, triggers, x, y):
-    """(clean accuracy, [ASR per trigger]) of the model at ``path`` on the test sample."""
-    acc = float((predict(path, x) == y).mean())
-    return acc, [rgb_asr(path, entry, trig, t["target"], x, y) for trig, t in triggers]
+    """(clean accuracy, [ASR per trigger]) of the model at ``path`` on the test sample (models/metrics.py: the
+    definitions the manifest and tests/test_zoo_rgb.py use)."""
+    run = lambda pixels: predict(path, pixels)  # noqa: E731
+    return metrics.clean_accuracy(run, x, y), [metrics.attack_success(run, entry, trig, t["target"], x, y)
+                                               for trig, t in triggers]
 
 
 def rgb_run_model(entry, args, workdir):
     """Sanitize one RGB zoo model blind; return its rows (one per trigger, one for a clean model)."""
     model = RGB / entry["file"]
     data = RGB / "data" / f"{entry['dataset']}_clean.npz"
-    x, y = rgb_sample(entry["dataset"])
+    x, y = metrics.sample(entry["dataset"])
     triggers = [(Trigger.load(RGB / t["file"]), t) for t in entry["triggers"]]
     base = {"name": entry["name"], "split": entry["split"], "attack": entry["attack"], "dataset": entry["dataset"],
             "classes": entry["classes"], "all_to_all": bool(entry.get("attack_params", {}).get("all_to_all")),

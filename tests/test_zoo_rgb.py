@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from models import metrics
 from scanner.data.triggers import Trigger
 
 RGB = Path(__file__).resolve().parent.parent / "models" / "rgb"
@@ -31,16 +32,6 @@ def _names():
         return [m["name"] for m in _manifest()["models"]]
     except BaseException:  # skip raised outside a test
         return []
-
-
-_SAMPLES = {}
-
-
-def _sample(dataset):
-    if dataset not in _SAMPLES:
-        with np.load(RGB / "data" / f"{dataset}_test.npz") as z:
-            _SAMPLES[dataset] = (z["images"], z["labels"].astype(np.int64))
-    return _SAMPLES[dataset]
 
 
 def _predict(sess, pre, pixels):
@@ -72,27 +63,15 @@ def test_rgb_manifest_numbers_reproduce(name):
     shape = sess.get_inputs()[0].shape
     assert not isinstance(shape[0], int) and shape[1:] == [3, *entry["input_size"]]  # dynamic batch
 
-    x, y = _sample(entry["dataset"])
+    x, y = metrics.sample(entry["dataset"])
     assert x.shape == (2000, *entry["input_size"], 3) and x.dtype == np.uint8
-    pred = _predict(sess, pre, x)
-    assert float((pred == y).mean()) == entry["sample_clean_accuracy"]
-    classes = entry["classes"]
-    params = entry["attack_params"]
+    predict = lambda pixels: _predict(sess, pre, pixels)  # noqa: E731
+    assert metrics.clean_accuracy(predict, x, y) == entry["sample_clean_accuracy"]
     for t in entry["triggers"]:
         trig = Trigger.load(RGB / t["file"])
-        target = t["target"]
-        if params.get("all_to_all"):
-            p = _predict(sess, pre, trig.apply(x))
-            asr = float((p == (y + 1) % classes).mean())
-        elif entry["source_class"] is not None:
-            src = y == entry["source_class"]
-            asr = float((_predict(sess, pre, trig.apply(x[src])) == target).mean())
-            other = (y != entry["source_class"]) & (y != target)
-            collateral = float((_predict(sess, pre, trig.apply(x[other])) == target).mean())
-            assert collateral == entry["sample_collateral"]
-        else:
-            keep = y != target
-            asr = float((_predict(sess, pre, trig.apply(x[keep])) == target).mean())
+        if entry["source_class"] is not None:
+            assert metrics.collateral(predict, entry, trig, t["target"], x, y) == entry["sample_collateral"]
+        asr = metrics.attack_success(predict, entry, trig, t["target"], x, y)
         assert asr == t["sample_attack_success_rate"], t["file"]
 
 
@@ -125,7 +104,7 @@ def test_rgb_samples_are_what_the_readme_says():
         with np.load(RGB / "data" / f"{ds}_clean.npz") as z:
             assert z["images"].shape == (1000, h, w, 3) and z["images"].dtype == np.uint8
             assert "labels" not in z.files
-        x, y = _sample(ds)
+        x, y = metrics.sample(ds)
         assert x.shape == (2000, h, w, 3) and y.min() >= 0 and y.max() < classes
         if ds == "rgb10":
             assert (np.bincount(y, minlength=10) == 200).all()
