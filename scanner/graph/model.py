@@ -201,7 +201,11 @@ def _load(path):
     if size > MAX_PROTO_BYTES:
         raise ScannerError("model file is over 2 GB; save it with external data (onnx.save(..., save_as_external_data=True))")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        data = path.read_bytes()  # read once: parsed, checked and hashed from memory
+        digest = _hash_in_background(data)  # hashlib lets go of the GIL: the hash overlaps parsing and checking
+        proto = onnx.load_model_from_string(data)
+    except OSError as exc:
+        raise ScannerError(f"cannot read the model file ({exc.strerror or exc})") from None
     except Exception as exc:  # protobuf DecodeError and friends
         raise ScannerError(f"not a valid ONNX model ({type(exc).__name__}: {str(exc)[:120] or 'cannot parse'})") from None
     if not proto.HasField("graph") or not proto.graph.node:
@@ -223,7 +227,7 @@ def _load(path):
         raise ScannerError(f"uses custom operator domain {custom[0]!r}, which onnxruntime cannot run without its library")
     external = _external_locations(proto, path.parent)
     try:
-        onnx.checker.check_model(str(path))  # by path: the proto is the file's, and writing it out again cost 3x more
+        onnx.checker.check_model(str(path) if external else data)  # the file's bytes: no second serialization
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ScannerError(f"invalid ONNX model: {first[:200]}") from None
@@ -238,7 +242,18 @@ def _load(path):
         except OSError as exc:
             raise ScannerError(f"cannot read external data ({exc.strerror or exc})") from None
     metadata = {p.key: p.value for p in proto.metadata_props}
-    return ModelFile(path, proto, sha256_file(path), inputs, outputs, opset, metadata, external)
+    del data
+    return ModelFile(path, proto, digest.result(), inputs, outputs, opset, metadata, external)
+
+
+def _hash_in_background(data):
+    """A future of the hex sha256 of ``data``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(lambda: hashlib.sha256(data).hexdigest())
+    pool.shutdown(wait=False)  # the worker ends with its one task
+    return future
 
 
 def _image_input(proto):
