@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 import thirdparty as tp  # noqa: E402
-from results import write_section  # noqa: E402
+from results import measure, publish  # noqa: E402
 
 MODELS = ROOT / "models"
 RGB = MODELS / "rgb"
@@ -71,18 +70,6 @@ h, w = ctx.preprocess.size
 n = chunk_images(h, w, ctx.preprocess.channels)
 ctx.runner().run(np.random.RandomState(0).randint(0, 256, (n, h, w, ctx.preprocess.channels)).astype(np.uint8))
 """
-
-
-def measure(cmd):
-    """(exit code, stdout, seconds, peak RSS MiB) of a fresh process."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile() as out:
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(p.pid, 0)
-        seconds = time.perf_counter() - start
-        out.seek(0)
-        text = out.read().decode()
-    return os.waitstatus_to_exitcode(status), text, seconds, usage.ru_maxrss / 1024
 
 
 def models(tmp):
@@ -131,9 +118,7 @@ def main():
         "process per model; seconds are the whole process, search_seconds the search alone; peak_mib is the "
         "process's peak RSS, session_mib a process that only runs the model's session on one search-sized batch.",
         "", *table, "", END])
-    print(text)
-    if args.write_results:
-        write_section(text, BEGIN, END)
+    publish(text, BEGIN, END, args.write_results)
 
 
 if __name__ == "__main__":

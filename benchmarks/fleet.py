@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from results import write_section  # noqa: E402
+from results import publish  # noqa: E402
 
 BEGIN, END = "<!-- fleet: begin -->", "<!-- fleet: end -->"
 
@@ -67,9 +67,7 @@ def main():
         f"shipping, scheduling, results): {overhead:.1f} s.", "",
         "| model | verdict in process | verdict on Ray | seconds in process | seconds in its Ray task |",
         "|---|---|---|---|---|", *rows, "", END])
-    print(text)
-    if args.write_results:
-        write_section(text, BEGIN, END)
+    publish(text, BEGIN, END, args.write_results)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from results import write_section  # noqa: E402
+from results import publish  # noqa: E402
 from scanner.context import ModelContext  # noqa: E402
 from scanner.detect.weights import head_signature  # noqa: E402
 
@@ -60,9 +60,7 @@ def main(markdown=False, write=False):
         f"{sum(1 for r in rows if r['targets'] and r['max']['top'] in r['targets'])} of "
         f"{sum(1 for r in rows if r['targets'])} backdoored models the target is the top row by row max.",
         "", *lines, "", END])
-    print(text)
-    if write:
-        write_section(text, BEGIN, END)
+    publish(text, BEGIN, END, write)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ opset 17, dynamic batch) and the same folder of 224x224 PNGs, each round runs, o
 - ``last``: ``scanner scan MODEL --data DIR --layers last``;
 - ``all``: ``scanner scan MODEL --data DIR --layers all`` (l-inf, l1, l2 of every layer);
 
-each timed whole (wall seconds, from process start to exit) with its peak RSS (GNU time). Ratios are the plain
+each timed whole (wall seconds, from process start to exit) with its peak RSS (its own rusage). Ratios are the plain
 loop's median wall over the variant's (= throughput ratio) and the variant's median peak over the plain loop's.
 
 ``--search`` also measures forward passes per second of the trigger search and of the repair's evaluation in one
@@ -35,6 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results import measure, publish  # noqa: E402
 MODELS = ("resnet18", "resnet50", "mobilenet_v3_large", "vit_b_16")
 
 
@@ -102,13 +104,12 @@ def centered(path, folder, device):
     return out
 
 
-def timed(cmd, env=None):
-    """(wall seconds, peak RSS MiB) of one process, from GNU time."""
-    out = subprocess.run(["/usr/bin/time", "-f", "%e %M"] + cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr[-2000:]}")
-    wall, rss = out.stderr.strip().splitlines()[-1].split()
-    return float(wall), int(rss) / 1024
+def timed(cmd):
+    """(wall seconds, peak RSS MiB) of one process."""
+    code, _, seconds, rss = measure(cmd)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed (exit {code}); run it alone to see why")
+    return seconds, rss
 
 
 def whole_process(path, folder, rounds, batch, device):
@@ -231,11 +232,7 @@ def main():
         print(name, json.dumps(results["models"][name]), file=sys.stderr)
     text = section(results)
     print(json.dumps(results, indent=1), file=sys.stderr)
-    print(text)
-    if args.write_results:
-        from results import write_section
-
-        write_section(text, BEGIN, END)
+    publish(text, BEGIN, END, args.write_results)
 
 
 BEGIN, END = "<!-- speed: begin -->", "<!-- speed: end -->"
@@ -275,7 +272,7 @@ def section(results):
         f"{results['rounds']} interleaved rounds, medians: `plain` is benchmarks/plain_ort.py (OpenCV decode, "
         "ImageNet preprocessing, plain onnxruntime with its defaults); `last` / `all` are `scanner scan --layers "
         "last|all` (l-inf, l1 and l2 of the chosen layers) with its JSON report. Ratios are plain wall / scanner wall "
-        "(throughput) and scanner peak RSS / plain peak RSS (GNU time). Targets: all >= 0.9, last >= 0.97, memory "
+        "(throughput) and scanner peak RSS / plain peak RSS (the process's rusage). Targets: all >= 0.9, last >= 0.97, memory "
         "<= 1.2; search and stamped evaluation >= 0.9 of plain `session.run` at the same batch size (in one process, "
         f"interleaved, {results['search_rounds']} rounds of {results['search_seconds']:g} s each; the search is the real "
         "`Synthesizer` on a copy of the model with its random head re-centered on the images' features, cut by its "

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import onnx  # noqa: E402
 
 import thirdparty as tp  # noqa: E402
-from results import write_section  # noqa: E402
+from results import publish  # noqa: E402
 
 CLEAN = ROOT / "models" / "data" / "clean"
 TRIGGER = ROOT / "models" / "triggers" / "badnets_3x3.json"
@@ -98,9 +98,7 @@ def main():
         "Each cell: the exit code, the outcome or gate status, the wall time of the whole process. Exit 2 is one line "
         "naming the problem (the binary and label-only files are refused by design); exit 3 at the gate is "
         "'degenerate predictions' (random weights).", "", *table, "", END])
-    print(text)
-    if args.write_results:
-        write_section(text, BEGIN, END)
+    publish(text, BEGIN, END, args.write_results)
 
 
 if __name__ == "__main__":
