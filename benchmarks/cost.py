@@ -26,12 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 import thirdparty as tp  # noqa: E402
-from results import measure, publish  # noqa: E402
+from results import centered_head, measure, publish  # noqa: E402
 
 MODELS = ROOT / "models"
 RGB = MODELS / "rgb"
@@ -41,22 +40,16 @@ BEGIN, END = "<!-- cost: begin -->", "<!-- cost: end -->"
 def resnet50_224(path, seed=0):
     """The classic ResNet-50 graph with random weights and a centered random head (see the module docstring)."""
     from scanner.context import ModelContext
-    from scanner.data.images import ImageSet
 
     model = tp.classic("resnet50", seed)
     _, gemm = tp._head(model)
     onnx.save(model, str(path))
     ctx = ModelContext.open(path, "caffe", threads=2)
-    pixels = ImageSet(MODELS / "data" / "clean", limit=64).load_all(ctx.preprocess).pixels
-    feats = ctx.runner(features=(gemm.input[0],)).run(pixels).features[gemm.input[0]].astype(np.float64)
-    rng = np.random.RandomState(seed)
-    w = rng.randn(1000, feats.shape[1])
-    z = (feats - feats.mean(0)) @ w.T
-    w *= 3.0 / max(z.std(), 1e-12)  # logits with a spread of 3
-    b = -w @ feats.mean(0)
+    assert ctx.head.input == gemm.input[0]
+    w, b = centered_head(ctx, MODELS / "data" / "clean", seed)
     inits = {t.name: t for t in model.graph.initializer}
-    inits[gemm.input[1]].CopyFrom(numpy_helper.from_array(w.astype(np.float32), gemm.input[1]))
-    inits[gemm.input[2]].CopyFrom(numpy_helper.from_array(b.astype(np.float32), gemm.input[2]))
+    inits[gemm.input[1]].CopyFrom(numpy_helper.from_array(w, gemm.input[1]))
+    inits[gemm.input[2]].CopyFrom(numpy_helper.from_array(b, gemm.input[2]))
     onnx.save(model, str(path))
     return path
 

@@ -7,6 +7,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -39,3 +41,17 @@ def measure(cmd):
         out.seek(0)
         text = out.read().decode()
     return os.waitstatus_to_exitcode(status), text, seconds, usage.ru_maxrss / 1024
+
+
+def centered_head(ctx, data, seed=0, images=64):
+    """(weight, bias) float32 of a random head for ``ctx``'s head layer, re-drawn around its input features on the
+    first ``images`` of ``data`` (logits with a spread of 3): a network with random weights otherwise predicts one
+    class for every image, and the search refuses such a model."""
+    from scanner.data.images import ImageSet
+
+    head = ctx.head
+    pixels = ImageSet(data, limit=images).load_all(ctx.preprocess).pixels
+    feats = ctx.runner(features=(head.input,)).run(pixels).features[head.input].astype(np.float64)
+    w = np.random.RandomState(seed).randn(head.channels, feats.shape[1])
+    w *= 3.0 / max(((feats - feats.mean(0)) @ w.T).std(), 1e-12)
+    return w.astype(np.float32), (-w @ feats.mean(0)).astype(np.float32)

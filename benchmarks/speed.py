@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from results import measure, publish  # noqa: E402
+from results import centered_head, measure, publish  # noqa: E402
 MODELS = ("resnet18", "resnet50", "mobilenet_v3_large", "vit_b_16")
 
 
@@ -88,19 +88,13 @@ def centered(path, folder, device):
     import onnx
 
     from scanner.context import ModelContext
-    from scanner.data.images import ImageSet
     from scanner.graph import surgery
 
     out = Path(path).with_suffix(".centered.onnx")
     if out.exists():
         return out
     ctx = ModelContext.open(str(path), "imagenet", device)
-    head = ctx.head
-    pixels = ImageSet(folder, limit=64).load_all(ctx.preprocess).pixels
-    feats = ctx.runner(features=(head.input,)).run(pixels).features[head.input].astype(np.float64)
-    w = np.random.RandomState(0).randn(head.channels, feats.shape[1])
-    w *= 3.0 / max(((feats - feats.mean(0)) @ w.T).std(), 1e-12)
-    onnx.save(surgery.set_linear(ctx.proto, head, w.astype(np.float32), (-w @ feats.mean(0)).astype(np.float32)), str(out))
+    onnx.save(surgery.set_linear(ctx.proto, ctx.head, *centered_head(ctx, folder)), str(out))
     return out
 
 
