@@ -219,24 +219,38 @@ shape; integer tensors, which can, keep their values)."""
 def _skeleton(model):
     """A copy of ``model`` without the values of its large float initializers: what shape inference needs. (The
     inferred model stays referenced by the ValueInfo it gives: a full copy would keep every weight twice.)"""
-    sk = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name, domain=model.domain)
-    sk.opset_import.extend(model.opset_import)
-    sk.functions.extend(model.functions)  # model-local functions take part in inference
-    g, sg = model.graph, sk.graph
-    sg.name = g.name
-    sg.node.extend(g.node)
-    sg.input.extend(g.input)
-    sg.output.extend(g.output)
-    sg.value_info.extend(g.value_info)
-    sg.sparse_initializer.extend(g.sparse_initializer)
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
-    for t in g.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL or (
-                t.data_type in floats and int(np.prod(t.dims, dtype=np.int64)) > SKELETON_ELEMENTS):
-            sg.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+    return stripped_copy(model, lambda t: t.data_location == onnx.TensorProto.EXTERNAL or (
+        t.data_type in floats and int(np.prod(t.dims, dtype=np.int64)) > SKELETON_ELEMENTS))[0]
+
+
+def stripped_copy(model, strip):
+    """(copy, pairs): ``model`` with each initializer ``t`` where ``strip(t)`` reduced to its name, type and dims (all
+    else copied as is), and the (original, reduced) tensor pairs. A weightless graph costs a copy of the graph only."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
+    pairs = []
+    for t in model.graph.initializer:
+        if strip(t):
+            pairs.append((t, out.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)))
         else:
-            sg.initializer.add().CopyFrom(t)
-    return sk
+            out.graph.initializer.add().CopyFrom(t)
+    return out, pairs
+
+
+def _copy_fields(src, dst, skip):
+    """Copy every set field of protobuf message ``src`` into ``dst`` except ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        field = getattr(dst, fd.name)
+        if hasattr(value, "CopyFrom"):  # a message
+            field.CopyFrom(value)
+        elif hasattr(field, "extend"):  # a repeated field
+            field.extend(value)
+        else:
+            setattr(dst, fd.name, value)
 
 
 def _infer(model):

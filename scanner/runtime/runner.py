@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from scanner.graph.instrument import NORMS, instrument
-from scanner.runtime.session import DEVICES, Detached, Session, detach, wants_cuda
+from scanner.runtime.session import Detached, Session, detach, wants_cuda
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Runner:
         self.norm_kinds = tuple(k for k in NORMS if k in tuple(norms)) if self.layers else ()
         self.instrumented = None
         if self.norm_kinds or (masks and self.layers) or features:
-            kernels = "pool" if device in DEVICES and wants_cuda(device) else "reduce"  # the fast kernels differ
+            kernels = "pool" if wants_cuda(device) else "reduce"  # the fast kernels differ
             detached = detach(proto)  # instrument the graph alone: the weights go to onnxruntime beside it
             self.instrumented = instrument(detached.skeleton, self.layers, norms=self.norm_kinds, masks=masks,
                                            features=features, kernels=kernels)

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
 from scanner.errors import ScannerError
 
@@ -70,7 +71,7 @@ class Session:
                 o.inter_op_num_threads = 1
             return o
 
-        if isinstance(model, onnx_model_type()):
+        if isinstance(model, onnx.ModelProto):
             model = detach(model)
         want_cuda = wants_cuda(device)
         providers = ["CPUExecutionProvider"]
@@ -158,43 +159,20 @@ def detach(model):
     """A :class:`Detached` copy of ModelProto ``model`` (the proto is not modified)."""
     from onnx import TensorProto, numpy_helper
 
-    sk = onnx_model_type()()
-    _copy_fields(model, sk, skip="graph")
-    g, sg = model.graph, sk.graph
-    _copy_fields(g, sg, skip="initializer")
-    weights = {}
+    from scanner.graph.layers import stripped_copy
+
     kinds = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16, TensorProto.INT8,
              TensorProto.UINT8)  # weights; integer index and shape tensors stay where shape inference reads them
-    for t in g.initializer:
-        if t.data_location == TensorProto.EXTERNAL or t.data_type not in kinds or not t.HasField("raw_data") \
-                or len(t.raw_data) <= DETACH_BYTES:
-            sg.initializer.add().CopyFrom(t)
-            continue
-        weights[t.name] = numpy_helper.to_array(t)
-        kept = sg.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims, data_location=TensorProto.EXTERNAL)
-        for key, value in (("location", "scanner-detached"), ("offset", "0"), ("length", str(weights[t.name].nbytes))):
-            kept.external_data.add(key=key, value=value)
-    return Detached(sk, weights)
-
-
-def _copy_fields(src, dst, skip):
-    """Copy every set field of protobuf message ``src`` into ``dst`` except ``skip``."""
-    for fd, value in src.ListFields():
-        if fd.name == skip:
-            continue
-        field = getattr(dst, fd.name)
-        if hasattr(value, "CopyFrom"):  # a message
-            field.CopyFrom(value)
-        elif hasattr(field, "extend"):  # a repeated field
-            field.extend(value)
-        else:
-            setattr(dst, fd.name, value)
-
-
-def onnx_model_type():
-    import onnx
-
-    return onnx.ModelProto
+    size = {k: onnx.helper.tensor_dtype_to_np_dtype(k).itemsize for k in kinds}  # raw_data's length, unread
+    skeleton, pairs = stripped_copy(model, lambda t: t.data_location != TensorProto.EXTERNAL and t.data_type in kinds
+                                    and t.HasField("raw_data") and int(np.prod(t.dims)) * size[t.data_type] > DETACH_BYTES)
+    weights = {}
+    for original, reduced in pairs:
+        weights[original.name] = numpy_helper.to_array(original)
+        reduced.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", "scanner-detached"), ("offset", "0"), ("length", str(weights[original.name].nbytes))):
+            reduced.external_data.add(key=key, value=value)
+    return Detached(skeleton, weights)
 
 
 def release_freed_memory():
