@@ -244,8 +244,7 @@ def _norm_outputs(b, g, gi, layers, groups, wanted, result):
     """
     if not groups:
         return []
-    nodes, joined, width = [], [], 0
-    offsets = {}
+    nodes, joined = [], []
     for layer, (group, parts) in reversed(list(zip(layers, groups))):
         nodes.extend(group)
         if len(wanted) == 1:
@@ -256,10 +255,7 @@ def _norm_outputs(b, g, gi, layers, groups, wanted, result):
             b.nodes = []
             joined.append(out)
     joined.reverse()
-    for layer in layers:
-        offsets[layer.id] = width
-        width += len(wanted) * layer.channels
-    total = width // len(wanted)
+    total = result.columns
     if len(wanted) == 1:
         out = b.names(f"{PREFIX}_{wanted[0]}")
         nodes.append(helper.make_node("Concat", joined, [out], name=b.names(f"{PREFIX}/norms/Concat"), axis=1))
@@ -269,8 +265,9 @@ def _norm_outputs(b, g, gi, layers, groups, wanted, result):
     every = b.op("Concat", joined, "norms", axis=1)
     nodes.extend(b.nodes)
     b.nodes = []
-    for j, k in enumerate(wanted):
-        columns = np.concatenate([offsets[l.id] + j * l.channels + np.arange(l.channels) for l in layers]).astype(np.int64)
+    for j, k in enumerate(wanted):  # the j-th kind of a layer whose columns start at lo: len(wanted) * lo + j * C
+        columns = np.concatenate([len(wanted) * result.slices[l.id][0] + j * l.channels + np.arange(l.channels)
+                                  for l in layers]).astype(np.int64)
         out = b.names(f"{PREFIX}_{k}")
         nodes.append(helper.make_node("Gather", [every, b.const(columns, k)], [out], name=b.names(f"{PREFIX}/{k}/Gather"), axis=1))
         g.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch_dim(gi), total]))
