@@ -74,7 +74,7 @@ def predict(path, pixels):
     return ModelContext.open(path, device="cpu", threads=THREADS).runner(batch_size=1000).run(pixels).preds
 
 
-def metrics(path, x, y, trigger, target):
+def gray_metrics(path, x, y, trigger, target):
     """(clean accuracy, ASR, natural rate): the natural rate is the ASR without the trigger, its floor."""
     pred = predict(path, x)
     acc = float((pred == y).mean())
@@ -123,10 +123,10 @@ def run_model(entry, x, y, args, workdir):
         raise RuntimeError(f"{entry['name']}: exit {rc}: {err}")
     trigger = Trigger.load(ROOT / "models" / entry["trigger"]) if entry.get("trigger") else None
     target = entry.get("target")
-    acc0, asr0, _ = metrics(model, x, y, trigger, target)
+    acc0, asr0, _ = gray_metrics(model, x, y, trigger, target)
     removed = report.get("outcome") == "removed" and out.exists()
     # nothing found / not removed: no model is written, the model in use stays the original one
-    acc1, asr1, natural = metrics(out, x, y, trigger, target) if removed else (acc0, asr0, None)
+    acc1, asr1, natural = gray_metrics(out, x, y, trigger, target) if removed else (acc0, asr0, None)
     repair = report.get("repair", {})
     return {
         "name": entry["name"],
