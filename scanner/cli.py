@@ -287,11 +287,14 @@ def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, tar
               help="Without --probe: seconds, a safety cap on each trigger search (0: none); a search cut short says so.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the trigger search.")
 @click.option("--triggers-dir", type=click.Path(file_okay=False), help="Save the synthesized triggers (JSON + PNG) here.")
+@click.option("--clip/--no-clip", default=True, show_default=True,
+              help="Without --probe: bound every layer's channels by their clean per-image peaks before the head refit "
+                   "(Min / Max nodes in the written model).")
 @prune_options
 @data_options
 @model_output_options
 @command
-def sanitize_cmd(model, data, probes, model_out, method, max_drop, min_agreement, queries, budget, seed, triggers_dir, layers, target,
+def sanitize_cmd(model, data, probes, model_out, method, max_drop, min_agreement, queries, budget, seed, triggers_dir, clip, layers, target,
                  preprocess, scores, device, batch_size, threads, limit, min_images, fmt, report_out, force, always):
     """Find and remove a backdoor; write a verified, sanitized model (exit 1 when one was found and removed).
 
@@ -320,7 +323,7 @@ def sanitize_cmd(model, data, probes, model_out, method, max_drop, min_agreement
         report, proto, found = sanitize_blind(ctx, data, model_out, force, always, device, threads, batch_size, limit,
                                               preprocess, Config(seed=seed, queries=queries, budget=budget or None),
                                               triggers_dir=triggers_dir,
-                                              min_images=min_images, min_agreement=min_agreement)
+                                              min_images=min_images, min_agreement=min_agreement, clip=clip)
         status(verdict_table(report))
         if "repair" in report:
             status(repair_table({**report["repair"], **{k: report.get(k) for k in ("removal", "outcome", "output")}}))

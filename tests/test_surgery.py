@@ -311,3 +311,30 @@ def test_gemm_with_bias_add_after_it():
     np.testing.assert_allclose(run(edited, x)["logits"], run(model, x)["logits"] + 1, rtol=1e-5, atol=1e-6)
     after, out = reads(prune(model, {fc.id: [2]}, [fc]), [fc], x)
     assert np.all(out["logits"][:, 2] == 0)
+
+
+@pytest.mark.parametrize("name", ["conv_relu", "residual", "tokens", "conv_bn_relu"])
+def test_clip_bounds_every_read(name):
+    from scanner.graph.surgery import CLIP_SUFFIX, clip
+
+    model = graphs.ALL[name](opset=17)
+    before = model.SerializeToString()
+    layers = [l for l in discover(model) if not l.is_head and l.zero_preserving]
+    x = graphs.inputs(model, n=5) * 3
+    scores = model.graph.output[0].name
+    inf = {l.id: (None if l.nonnegative else np.full(l.channels, -np.inf, np.float32),
+                  np.full(l.channels, np.inf, np.float32)) for l in layers}
+    loose = clip(model, layers, inf)
+    onnx.checker.check_model(loose, full_check=True)
+    added = [n for n in loose.graph.node if n.name.endswith(CLIP_SUFFIX)]
+    assert {n.op_type for n in added} <= {"Min", "Max"}
+    assert len(added) == sum(1 if l.nonnegative else 2 for l in layers)
+    assert sorted(op_types(model)) == sorted(n.op_type for n in loose.graph.node if n not in added)
+    # Unbounded: the same scores (up to the fusions onnxruntime can no longer make across a bound).
+    np.testing.assert_allclose(run(loose, x)[scores], run(model, x)[scores], rtol=1e-5, atol=1e-6)
+    # Bounds of 0 make every read 0, which is what pruning all its channels does: the same scores.
+    zero = {l.id: (None if l.nonnegative else np.zeros(l.channels, np.float32), np.zeros(l.channels, np.float32))
+            for l in layers}
+    pruned = prune(model, {l.id: list(range(l.channels)) for l in layers}, layers)
+    np.testing.assert_allclose(run(clip(model, layers, zero), x)[scores], run(pruned, x)[scores], rtol=1e-5, atol=1e-6)
+    assert model.SerializeToString() == before  # the input model is never changed

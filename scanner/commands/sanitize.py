@@ -22,9 +22,10 @@ from scanner.detect.verdict import anomaly_against, decide, family_cap
 from scanner.errors import ScannerError
 from scanner.graph import surgery
 from scanner.fileio import check_output
+from scanner.repair.clip import clip as clip_model
 from scanner.repair.prune import DEFAULT_MAX_DROP, PROBE_EFFECT, Repair
 from scanner.repair.refit import refit
-from scanner.repair.verify import MIN_AGREEMENT, apply_plan, verify
+from scanner.repair.verify import MIN_AGREEMENT, NO_EFFECT, apply_plan, verify
 
 log = logging.getLogger("scanner")
 
@@ -171,7 +172,7 @@ def _still_backdoored(verdict, cand, tau, config):
 
 def sanitize_blind(model, data, output=None, force=False, always=False, device="auto", threads=None, batch_size=64,
                    limit=None, preprocess=None, config=None, rounds=3, triggers_dir=None, min_images=1,
-                   min_agreement=MIN_AGREEMENT):
+                   min_agreement=MIN_AGREEMENT, clip=True):
     """``scanner sanitize`` without ``--probe``: synthesize, decide, repair with the synthesized triggers.
 
     Returns (report, proto or None, found). The repair is the head refit of :func:`sanitize_with_probes` on the
@@ -233,13 +234,20 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
     n_flagged = len(probes)
     for cand in list(probes):
         probes += _best_variants(synth, cand)
-    rounds_log, best = [], None
+    rounds_log, best, clip_entry = [], None, None
     targets = sorted({c.target for c in probes})
+    original = work
+    if clip:  # every layer held under its clean peaks first: the refit then has less of the backdoor to undo
+        clipped, clip_entry = clip_model(work, pixels, [(c.trigger(result.color), c.target) for c in probes], queries)
+        if clipped is not None:
+            work = work.derived(clipped)
     for r in range(max(1, rounds)):
         round_started = time.perf_counter()
         rep = Repair(work, images, [Probe(trigger=c.trigger(result.color), source=f"synthesized:{c.describe()}") for c in probes],
-                     "last", batch_size, limit, [c.target for c in probes], holdout=held)
-        if not rep.found:  # no synthesized trigger works on the model to repair (after a graph cut): nothing to refit
+                     "last", batch_size, limit, [c.target for c in probes], holdout=held,
+                     reference=original if clip_entry and clip_entry["chosen"] is not None else None)
+        if max(rep.base.probe_success) <= NO_EFFECT:  # no synthesized trigger has an effect left on the model to
+            # repair (after a graph cut or the clipping): nothing to refit
             rep_report, proto, _ = sanitize_with_probes(work, images, None, None, "none", rep=rep, check=False)
             best = (rep_report, proto, None, rep)
             rounds_log.append({"round": r + 1, "probes": len(probes), "refit": False})
@@ -274,6 +282,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
                                       "verification", "verified")},
         "method": rep_report["rule"]["method"],
         "graph_cut": cut,
+        "clip": clip_entry,
         "ridge": ridge,
         "rounds": rounds_log,
         "probes": [{"target": c.target, "trigger": c.describe(), "size": round(c.size, 6), "success": round(c.success, 6)}

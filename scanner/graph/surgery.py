@@ -348,3 +348,49 @@ def drop_dead(model):
         if t.name in inputs:  # IR < 4: the initializer's graph input goes with it
             g.input.remove(next(vi for vi in g.input if vi.name == t.name))
     return removed
+
+
+CLIP_SUFFIX = "/scanner_clip"
+"""Name suffix of the Min / Max nodes :func:`clip` adds (how verification tells them from the model's own)."""
+
+
+def clip(model, layers, bounds):
+    """A copy of ``model`` where each layer's read is bounded per channel: ``bounds`` maps a layer id to (low, high)
+    arrays of its channels (low None: no lower bound). A Min (and a Max) node right after the read's producer;
+    every node that read the tensor reads the bounded one. A read that is a graph output is left as it is."""
+    m = copy_model(model)
+    g = m.graph
+    names = Names(m)
+    outputs = {o.name for o in g.output}
+    producer = {o: j for j, n in enumerate(g.node) for o in n.output}
+    inserts = {}
+    for layer in layers:
+        if layer.id not in bounds or layer.read in outputs or layer.read not in producer:
+            continue
+        low, high = bounds[layer.id]
+        shape = [1] * layer.rank
+        shape[layer.channel_axis] = -1
+        src, nodes = layer.read, []
+        for op, value in (("Min", high), ("Max", low)):
+            if value is None:
+                continue
+            const = names(f"{layer.read}_clip_{op.lower()}")
+            g.initializer.append(numpy_helper.from_array(np.asarray(value).reshape(shape), const))
+            out = names(f"{layer.read}_clipped")
+            nodes.append(onnx.helper.make_node(op, [src, const], [out], name=names(f"{layer.read}/{op}{CLIP_SUFFIX}")))
+            src = out
+        for n in g.node:
+            for k, name in enumerate(n.input):
+                if name == layer.read:
+                    n.input[k] = src
+        inserts[producer[layer.read]] = nodes
+    order = []
+    for j, n in enumerate(g.node):
+        order.append(n)
+        order += inserts.get(j, [])
+    copies = [onnx.NodeProto() for _ in order]
+    for c, n in zip(copies, order):
+        c.CopyFrom(n)
+    del g.node[:]
+    g.node.extend(copies)
+    return m

@@ -59,10 +59,13 @@ class Repair:
     ``holdout``: a fraction of the clean images (and of unpaired probe folders) kept out of every measurement
     and fit here, for checking the repaired model afterwards (:func:`scanner.repair.verify.removal`); or an
     image set already held out by the caller (then nothing is split here).
+
+    ``reference``: the context of the model before an earlier repair step (the activation clipping): agreement is
+    measured against its predictions and the refit fits its head scores (default: ``ctx``'s own).
     """
 
     def __init__(self, ctx, data, probes, layers="last", batch_size=64, limit=None, targets=None, labeled=None,
-                 min_images=1, holdout=HOLDOUT_FRACTION):
+                 min_images=1, holdout=HOLDOUT_FRACTION, reference=None):
         self.ctx = ctx
         self.model, self.pre = ctx.model, ctx.preprocess
         self.clean_set = data if not isinstance(data, (str, bytes)) and hasattr(data, "batches") else ImageSet(
@@ -79,6 +82,11 @@ class Repair:
                 p.images = cached(p.images, self.pre)
         self._hold_out(holdout)
         self.clean = measure(self.runner, self.clean_set, label="clean", keep=self._keep())
+        self.reference = self.clean
+        if reference is not None:
+            keep = (self.head.read,) if self.head is not None else ()
+            self.reference = measure(reference.runner(features=keep, batch_size=batch_size), self.clean_set,
+                                     norms=False, keep=keep, label="reference")
         self.labels = self.clean.labels
         self.probed = [self._measure_probe(p) for p in self.probes]
         self.targets = list(targets) if targets is not None else [self._dominant(m) for m in self.probed]
@@ -118,7 +126,7 @@ class Repair:
     def _dominant(self, m):
         """The class the probe pushes images to (among moved pairs), else its most common prediction (the same rule
         as :func:`scanner.commands.sanitize.probe_targets`)."""
-        k = dominant_class(self.clean.preds, m.preds) if len(m.preds) == len(self.clean.preds) else None
+        k = dominant_class(self.reference.preds, m.preds) if len(m.preds) == len(self.reference.preds) else None
         return k if k is not None else int(np.bincount(m.preds).argmax())
 
     def paired(self, i):
@@ -129,14 +137,14 @@ class Repair:
         """Probe ``i``'s success: the fraction of its images sent to its target (over images not already there)."""
         target = self.targets[i]
         if self.paired(i):
-            others = self.clean.preds != target
+            others = self.reference.preds != target
             return float((preds[others] == target).mean()) if others.any() else 0.0
         return float((preds == target).mean())
 
     def level(self, count, clean_preds, probe_preds):
         """The :class:`Level` of predictions on the clean set and on each probe."""
         acc = float((clean_preds == self.labels).mean()) if self.labels is not None else None
-        agree = float((clean_preds == self.clean.preds).mean())
+        agree = float((clean_preds == self.reference.preds).mean())
         return Level(count, agree, acc, [self.success(i, p) for i, p in enumerate(probe_preds)])
 
 

@@ -1,8 +1,9 @@
 """The head refit: recompute the final linear layer in closed form so that probes stop working.
 
 Ridge regression on the features feeding the head, for the clean images and the same images with the
-probes' triggers, with the original model's scores on the clean images as the target for both, regularized
-toward the old weights. Gram matrices are accumulated once; the ridge and the probe rows' weight are chosen
+probes' triggers, with the original model's scores on the clean images as the target for both (the model before
+the activation clipping, when the repair clipped it: the refit also undoes what the clipping cost on clean
+images), regularized toward the old weights. Gram matrices are accumulated once; the ridge and the probe rows' weight are chosen
 by k-fold cross-validation from gram updates, and the reported numbers are the cross-validated ones.
 """
 
@@ -15,16 +16,17 @@ from scanner.graph import surgery
 
 log = logging.getLogger("scanner")
 
-RIDGES = (0.001, 0.01, 0.1, 1.0)
+RIDGES = (0.0001, 0.001, 0.01, 0.1, 1.0)
 """Ridge strengths (relative to the mean feature energy) the cross-validation tries."""
 TARGET_AGREEMENT = 0.985
 """Cross-validated agreement with the original model the refit aims to keep (the removal check asks for 0.98
 on held-out images)."""
-PROBE_WEIGHTS = (0.1, 0.25, 0.5, 1.0)
+PROBE_WEIGHTS = (0.01, 0.03, 0.1, 0.25, 0.5, 1.0)
+"""Weights of the probe rows against the clean rows tried by the cross-validation (the low ones keep agreement
+where a clipped model's triggers are already weak)."""
 SUBSPACE = 512
 """Heads reading more features than this are refit in the top SUBSPACE principal directions of their features
 (a change of the head there; the rest keeps its weights): 60x cheaper for a 2048-feature head."""
-"""Weights of the probe rows against the clean rows tried by the cross-validation."""
 
 
 def refit(rep, plan, ridge=None, folds=3):
@@ -47,7 +49,7 @@ def refit(rep, plan, ridge=None, folds=3):
         clean, probed = rep.clean, rep.probed
     head = rep.head
     feats = [clean.kept[head.input].astype(np.float64)] + [probed[i].kept[head.input].astype(np.float64) for i in pairs]
-    target = rep.clean.kept[head.read].astype(np.float64)
+    target = rep.reference.kept[head.read].astype(np.float64)
     w0, b0 = surgery.linear_weights(rep.ctx.proto, head)
     intercept = surgery.has_bias(rep.ctx.proto, head)  # a MatMul head without bias is refit without one
     n, d = len(target), feats[0].shape[1]

@@ -22,6 +22,9 @@ SAMPLE_IMAGES = 32
 RESIDUAL_SUCCESS = 0.25
 """A probe is dead on the repaired model when it sends fewer than this fraction of held-out other-class images to
 its target (the search calls a trigger working from 0.9; "removed" asks for far less than that)."""
+NO_EFFECT = 0.02
+"""A trigger that sends at most this fraction of other-class images to its target has no effect left to repair
+(about what a stamp does to a clean model's classes)."""
 MIN_AGREEMENT = 0.98
 """A repaired model must agree with the original on at least this fraction of held-out clean images."""
 OUTCOMES = ("nothing_found", "removed", "not_removed")
@@ -59,7 +62,7 @@ def verify(rep, proto, plan, exact=False):
     """Check a repaired model before it is written; raise ScannerError on any failure, else return the checks.
 
     onnx.checker passes, onnxruntime loads and runs it, inputs/outputs keep names, shapes and dtypes, the
-    operators are unchanged, pruned channels read exactly 0 on sample inputs, and (``exact``) the scores are
+    operators are unchanged (apart from the Min / Max nodes of activation clipping), pruned channels read exactly 0 on sample inputs, and (``exact``) the scores are
     bitwise identical to the original's. The returned dict says what was checked (``passed`` is True).
     """
     original = rep.ctx.proto
@@ -69,9 +72,10 @@ def verify(rep, proto, plan, exact=False):
         after = [tensor_info(v).to_dict() for v in getattr(proto.graph, kind)]
         if before != after:
             raise ScannerError(f"verification failed: graph {kind}s changed")
-    ops = lambda m: sorted(n.op_type for n in m.graph.node)  # noqa: E731
-    if ops(original) != ops(proto):
-        raise ScannerError("verification failed: the graph's operators changed")
+    clip = [n for n in proto.graph.node if n.name.endswith(surgery.CLIP_SUFFIX)]
+    ops = lambda m: sorted(n.op_type for n in m.graph.node if not n.name.endswith(surgery.CLIP_SUFFIX))  # noqa: E731
+    if ops(original) != ops(proto) or any(n.op_type not in ("Min", "Max") for n in clip):
+        raise ScannerError("verification failed: the graph's operators changed (beyond the clipping's Min / Max)")
     sample = next(rep.clean_set.batches(rep.pre, SAMPLE_IMAGES)).pixels
     trig = next((p.trigger for p in rep.probes if p.trigger is not None), None)
     if trig is not None:
@@ -85,7 +89,7 @@ def verify(rep, proto, plan, exact=False):
         if np.any(chans != 0):
             raise ScannerError(f"verification failed: pruned channels of {layer.id} do not read 0")
     checks = {"passed": True, "checker": True, "onnxruntime": True, "interface": True, "operators": True,
-              "pruned_channels_read_zero": sum(len(plan[l.id]) for l in layers), "sample_images": int(len(sample)),
+              "pruned_channels_read_zero": sum(len(plan[l.id]) for l in layers), "clip_nodes": len(clip), "sample_images": int(len(sample)),
               "identical_scores": None}
     if exact:
         ref = rep.ctx.runner(device="cpu").run(sample)

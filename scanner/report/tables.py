@@ -169,7 +169,14 @@ def repair_table(report):
         rows.append([f"probe success -> {p['target']}", f"{b['probe_success'][i]:.2%}", f"{a['probe_success'][i]:.2%}"])
     if report.get("refit"):
         rows.append(["head refit", "-", report["rule"].get("method")])
-    lines = [table(["", "before", "after"], rows)]
+    lines = []
+    clip = report.get("clip")
+    if clip:
+        chosen = clip["chosen"]
+        lines.append(f"activation clipping: {clip['layers']} layers bounded at the {chosen:g}th percentile of clean peaks "
+                     "('before' is the clipped model)" if chosen is not None
+                     else "activation clipping: no bound kept the clean agreement; not clipped")
+    lines.append(table(["", "before", "after"], rows))
     for entry in report["pruned"]:
         lines.append(f"pruned {entry['layer']}: {len(entry['channels'])} channel(s) {entry['channels'][:16]}{' ...' if len(entry['channels']) > 16 else ''}")
     lines += removal_lines(report)
