@@ -288,8 +288,8 @@ def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, tar
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the trigger search.")
 @click.option("--triggers-dir", type=click.Path(file_okay=False), help="Save the synthesized triggers (JSON + PNG) here.")
 @click.option("--clip/--no-clip", default=True, show_default=True,
-              help="Without --probe: bound every layer's channels by their clean per-image peaks before the head refit "
-                   "(Min / Max nodes in the written model).")
+              help="Bound every layer's channels by their clean per-image peaks before the head refit (Min / Max nodes "
+                   "in the written model; with --probe, for --method refit|both).")
 @prune_options
 @data_options
 @model_output_options
@@ -331,7 +331,7 @@ def sanitize_cmd(model, data, probes, model_out, method, max_drop, min_agreement
         report, proto, found = sanitize_with_probes(ctx, data, list(probes), model_out, method, layers, max_drop, force,
                                                     always, device, threads, batch_size, limit, preprocess,
                                                     None if target is None else [target] * len(probes),
-                                                    min_images=min_images, min_agreement=min_agreement)
+                                                    min_images=min_images, min_agreement=min_agreement, clip=clip)
         status(repair_table(report))
     return _repair_outcome(report, report_out, fmt, model)
 

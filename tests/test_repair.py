@@ -116,15 +116,23 @@ def test_interrupted_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("name", ["cnn_badnets", "cnn_blend", "resnet_badnets"])
-def test_refit_removes_backdoor_and_keeps_graph(name, tmp_path):
+def test_refit_removes_backdoor_and_keeps_graph(name, clip, tmp_path):
+    from scanner.graph.surgery import CLIP_SUFFIX
+
     entry = zoo_entry(name)
     out = tmp_path / "s.onnx"
-    report, proto, found = sanitize_with_probes(zoo_path(name), CLEAN, [MODELS / entry["trigger"]], out, device="cpu")
+    report, proto, found = sanitize_with_probes(zoo_path(name), CLEAN, [MODELS / entry["trigger"]], out, device="cpu",
+                                                clip=clip)
     assert found and report["backdoor_found"] and report["verified"]
     assert report["outcome"] == "removed" and report["removal"]["held_out"] and out.exists()
     original = load_model(zoo_path(name)).proto
-    assert _ops(proto) == _ops(original)  # same graph, new weights
+    bounds = [n for n in proto.graph.node if n.name.endswith(CLIP_SUFFIX)]
+    # Same graph, new weights; with the clipping, plus its Min / Max nodes and nothing else.
+    assert [(n.op_type, n.name) for n in proto.graph.node if n not in bounds] == _ops(original)
+    assert bool(bounds) == (clip and report["clip"]["chosen"] is not None)
+    assert {n.op_type for n in bounds} <= {"Min", "Max"}
     assert report["after"]["agreement"] >= 0.97  # cross-validated on the defender's clean set
     images = ImageSet(TEST, labeled=True)
     trigger = Trigger.load(MODELS / entry["trigger"])
@@ -136,11 +144,13 @@ def test_refit_removes_backdoor_and_keeps_graph(name, tmp_path):
 
 
 def test_refit_that_misses_the_agreement_writes_nothing(tmp_path):
-    """resnet_blend with its true trigger: the head refit kills the trigger, but agrees with the original on only
-    97.5% of the held-out clean images (the check asks for 98%): found, NOT removed, nothing written."""
+    """resnet_blend with its true trigger, head refit alone (no clipping): the refit kills the trigger, but agrees with
+    the original on only 97.5% of the held-out clean images (the check asks for 98%): found, NOT removed, nothing
+    written."""
     entry = zoo_entry("resnet_blend")
     out = tmp_path / "s.onnx"
-    report, proto, found = sanitize_with_probes(zoo_path("resnet_blend"), CLEAN, [MODELS / entry["trigger"]], out, device="cpu")
+    report, proto, found = sanitize_with_probes(zoo_path("resnet_blend"), CLEAN, [MODELS / entry["trigger"]], out, device="cpu",
+                                                clip=False)
     check = report["removal"]
     assert found and report["outcome"] == "not_removed" and proto is None and not out.exists()
     assert check["probes"][0]["dead"] and check["agreement"] < 0.98

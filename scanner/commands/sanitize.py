@@ -39,6 +39,8 @@ MAX_VARIANTS = {"patch": 2, "blend": 1, "signal": 1, "warp": 1, "filter": 1}
 RESEARCH_SHARE = 0.3
 """The query budget of each search of a repaired model, as a share of the first search's."""
 POLISH_STEPS = 40
+CLIP_SET = 2048
+"""With --probe, the clipping's bounds come from at most this many of the repair's clean images."""
 
 
 def _context(model, preprocess, device, threads, batch_size):
@@ -92,14 +94,15 @@ def _refused(report, reason, found=True):
 def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD, layers="last", max_drop=DEFAULT_MAX_DROP,
                          force=False, always=False, device="auto", threads=None, batch_size=64, limit=None,
                          preprocess=None, targets=None, ridge=None, rep=None, min_images=1, check=True,
-                         min_agreement=MIN_AGREEMENT):
+                         min_agreement=MIN_AGREEMENT, clip=True):
     """``scanner sanitize --probe``: repair with known probes. Returns (report, repaired proto or None, found).
 
     ``model`` is a path or a ModelContext; ``rep`` an already measured :class:`Repair` (then ``model``, ``data``
     and ``probes`` are not used). With ``check`` (the command), the removal is measured on held-out images and
     the model written (and returned) only when the probes are dead on it (or with ``always``); the report's
     ``outcome`` says which. ``check=False`` only builds and verifies the repaired model (a step of the blind
-    repair) and always returns it."""
+    repair) and always returns it. ``clip`` (with a refit): bound every layer by its clean peaks first
+    (:mod:`scanner.repair.clip`, tried with the trigger probes), then refit to the unclipped model's scores."""
     if method not in METHODS + ("none",):
         raise ScannerError(f"--method must be one of {', '.join(METHODS)}")
     if output is not None:
@@ -111,7 +114,11 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
         if cut and targets is None:  # the classes the probes push images to on the model as it came, not the cut one
             targets = probe_targets(ctx, data, probes, limit, min_images)
         rep = Repair(work, data, probes, layers, batch_size, limit, targets, min_images=min_images)
-    found = rep.found or bool(cut or refusal)
+    clip_entry = None
+    if (clip and method in ("refit", "both") and rep.head is not None and rep.found
+            and any(rep.paired(i) for i in range(len(rep.probes)))):
+        rep, clip_entry = _clipped_repair(rep, layers, batch_size)
+    found = rep.found or bool(cut or refusal) or clip_entry is not None
     if not rep.found and cut:  # the cut alone disarmed the probes: nothing more to do
         method = "none"
     fallbacks = []
@@ -134,8 +141,11 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
     else:
         after = rep.evaluate_plan(plan) if plan else rep.base
     rule = {"method": method, "layers": layers, "max_accuracy_drop": max_drop, "refit": fit, "graph_cut": cut}
+    if clip_entry is not None:
+        rule["clip"] = clip_entry["chosen"]
     report = repair_report("sanitize", rep, plan, rep.base, after, levels, rule)
     report["fallbacks"] = fallbacks
+    report["clip"] = clip_entry
     report["backdoor_found"] = found
     report["graph"] = ctx.audit
     if refusal:
@@ -156,6 +166,22 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
                  100 * max(rep.base.probe_success), 100 * PROBE_EFFECT,
                  "writing the model anyway (--always)" if always and check else "no model written (use --always)")
     return report, proto, found
+
+
+def _clipped_repair(rep, layers, batch_size):
+    """(the Repair of ``rep``'s model clipped by its clean peaks, on the same images, probes, targets and held-out
+    split, measured against the unclipped model; the clipping's report entry); ``rep`` itself when no bound keeps
+    the agreement."""
+    some = rep.clean_set if len(rep.clean_set) <= CLIP_SET else rep.clean_set.subset(np.arange(CLIP_SET))
+    pixels = some.load_all(rep.pre).pixels
+    triggers = [(p.trigger, t) for p, t in zip(rep.probes, rep.targets) if p.trigger is not None]
+    proto, entry = clip_model(rep.ctx, pixels, triggers, queries_for(rep.ctx))
+    if proto is None:
+        return rep, entry
+    clipped = Repair(rep.ctx.derived(proto), rep.clean_set, rep.probes, layers, batch_size, targets=rep.targets,
+                     holdout=rep.holdout_set, reference=rep.ctx)
+    clipped.probe_holdout = rep.probe_holdout
+    return clipped, entry
 
 
 def _still_backdoored(verdict, cand, tau, config):
