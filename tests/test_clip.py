@@ -95,6 +95,9 @@ def test_blind_sanitize_removes_rgb_badnets():
                                           threads=2)
     assert found and report["targets"] == [0] and report["outcome"] == "removed", report.get("removal")
     assert report["repair"]["clip"]["chosen"] is not None
+    # Clipped once: the refit rounds work on the clipped model and add no bounds of their own.
+    bounds = sum(n.name.endswith(surgery.CLIP_SUFFIX) for n in proto.graph.node)
+    assert bounds == report["repair"]["clip"]["nodes_added"] == sum(1 if l.nonnegative else 2 for l in clip.clip_layers(ctx))
     x, y = metrics.sample("rgb10")
     before, after = (lambda z, c=c: c.runner().run(z).scores.argmax(1) for c in (ctx, ctx.derived(proto)))
     trigger = Trigger.load(rgb / entry["triggers"][0]["file"])

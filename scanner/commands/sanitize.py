@@ -274,11 +274,11 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
                      reference=original if clip_entry and clip_entry["chosen"] is not None else None)
         if max(rep.base.probe_success) <= NO_EFFECT:  # no synthesized trigger has an effect left on the model to
             # repair (after a graph cut or the clipping): nothing to refit
-            rep_report, proto, _ = sanitize_with_probes(work, images, None, None, "none", rep=rep, check=False)
+            rep_report, proto, _ = sanitize_with_probes(work, images, None, None, "none", rep=rep, check=False, clip=False)
             best = (rep_report, proto, None, rep)
             rounds_log.append({"round": r + 1, "probes": len(probes), "refit": False})
             break
-        rep_report, proto, _ = sanitize_with_probes(work, images, None, None, "refit", rep=rep, check=False)
+        rep_report, proto, _ = sanitize_with_probes(work, images, None, None, "refit", rep=rep, check=False, clip=False)
         ridge = rep_report["rule"]["refit"]["ridge"]
         log.info("refit round %d (ridge %g, probe weight %g): agreement %.2f%%, synthesized trigger success %.2f%% "
                  "(cross-validated)", r + 1, ridge, rep_report["rule"]["refit"]["probe_weight"],
