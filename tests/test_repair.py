@@ -206,3 +206,30 @@ def test_cli_sanitize_exit_codes(run_cli, tmp_path):
     assert code == 4 and (tmp_path / "b.onnx").exists() and report["written_despite_backdoor"]
     code, stdout, err = run_cli(*blend, "-o", tmp_path / "b2.onnx", "--min-agreement", "0.97")
     assert code == 1 and (tmp_path / "b2.onnx").exists()
+
+
+def test_source_specific_probe_is_judged_on_its_source_class(tmp_path):
+    """The RGB MobileNetV2 whose 4x4 patch flips only class 7 to class 1: over all other-class images the real trigger
+    moves about a ninth of them (under the 50% that makes a probe count), so it used to read "nothing found". Judged
+    on its source class it is found, repaired, and measured dead on that class's held-out images."""
+    import json as _json
+
+    from models import metrics
+
+    rgb = MODELS / "rgb"
+    entry = next(m for m in _json.loads((rgb / "manifest.json").read_text())["models"]
+                 if m["name"] == "rgb10_mobilenetv2_source")
+    out = tmp_path / "s.onnx"
+    trigger_file = rgb / entry["triggers"][0]["file"]
+    report, proto, found = sanitize_with_probes(rgb / entry["file"], rgb / "data" / "rgb10_clean.npz", [trigger_file],
+                                                out, device="cpu", targets=[1])
+    assert found and report["probes"][0]["sources"] == [entry["source_class"]] == [7]
+    assert report["outcome"] == "removed" and report["removal"]["probes"][0]["sources"] == [7]
+    assert report["removal"]["probes"][0]["success_before"] > 0.9
+    x, y = metrics.sample("rgb10")
+    ctx = ModelContext.open(rgb / entry["file"], device="cpu")
+    before, after = (lambda z, c=c: c.runner().run(z).scores.argmax(1) for c in (ctx, ctx.derived(proto)))
+    trigger = Trigger.load(trigger_file)
+    assert metrics.attack_success(before, entry, trigger, 1, x, y) > 0.9
+    assert metrics.attack_success(after, entry, trigger, 1, x, y) <= 0.05
+    assert metrics.clean_accuracy(after, x, y) >= metrics.clean_accuracy(before, x, y) - 0.01

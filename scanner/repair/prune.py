@@ -22,6 +22,8 @@ log = logging.getLogger("scanner")
 
 PROBE_EFFECT = 0.5
 """A probe that sends at least this fraction of other-class images to one class moves the model."""
+SOURCE_IMAGES = 10
+"""A source class is judged on its own (a source-specific trigger) only when it has at least this many images."""
 MAX_PRUNE_FRACTION = 0.5
 DEFAULT_MAX_DROP = 0.02
 
@@ -61,11 +63,12 @@ class Repair:
     image set already held out by the caller (then nothing is split here).
 
     ``reference``: the context of the model before an earlier repair step (the activation clipping): agreement is
-    measured against its predictions and the refit fits its head scores (default: ``ctx``'s own).
+    measured against its predictions and the refit fits its head scores (default: ``ctx``'s own). ``sources``: each
+    probe's source classes (see :meth:`_sources`), when an earlier Repair of the same images found them.
     """
 
     def __init__(self, ctx, data, probes, layers="last", batch_size=64, limit=None, targets=None, labeled=None,
-                 min_images=1, holdout=HOLDOUT_FRACTION, reference=None):
+                 min_images=1, holdout=HOLDOUT_FRACTION, reference=None, sources=None):
         self.ctx = ctx
         self.model, self.pre = ctx.model, ctx.preprocess
         self.clean_set = data if not isinstance(data, (str, bytes)) and hasattr(data, "batches") else ImageSet(
@@ -90,6 +93,7 @@ class Repair:
         self.labels = self.clean.labels
         self.probed = [self._measure_probe(p) for p in self.probes]
         self.targets = list(targets) if targets is not None else [self._dominant(m) for m in self.probed]
+        self.sources = list(sources) if sources is not None else [self._sources(i, m.preds) for i, m in enumerate(self.probed)]
         scores = [probe_scores(self.clean.stats, m.stats, self.runner.slices) for m in self.probed]
         zeros = np.zeros(self.runner.channels)
         self.rise = np.max([r for r, _ in scores], axis=0) if scores else zeros
@@ -129,15 +133,32 @@ class Repair:
         k = dominant_class(self.reference.preds, m.preds) if len(m.preds) == len(self.reference.preds) else None
         return k if k is not None else int(np.bincount(m.preds).argmax())
 
+    def _sources(self, i, preds):
+        """The source classes of a source-specific probe ``i``: when it moves too few of all other-class images (under
+        PROBE_EFFECT) but at least PROBE_EFFECT of some classes' own images (each with SOURCE_IMAGES or more), those
+        classes; None for a probe that works on every class (or could not be judged: unpaired)."""
+        if not self.paired(i):
+            return None
+        target, ref = self.targets[i], self.reference.preds
+        others = ref != target
+        if not others.any() or float((preds[others] == target).mean()) >= PROBE_EFFECT:
+            return None
+        moved = [int(c) for c in np.unique(ref[others])
+                 if (ref == c).sum() >= SOURCE_IMAGES and float((preds[ref == c] == target).mean()) >= PROBE_EFFECT]
+        return moved or None
+
     def paired(self, i):
         """Whether probe ``i`` gives the same images as the clean set with the trigger (pairs)."""
         return self.probes[i].paired_with(self.clean_set)
 
     def success(self, i, preds):
-        """Probe ``i``'s success: the fraction of its images sent to its target (over images not already there)."""
+        """Probe ``i``'s success: the fraction of its images sent to its target (over images not already there; for a
+        source-specific probe, over its source classes' images)."""
         target = self.targets[i]
         if self.paired(i):
             others = self.reference.preds != target
+            if self.sources[i]:
+                others &= np.isin(self.reference.preds, self.sources[i])
             return float((preds[others] == target).mean()) if others.any() else 0.0
         return float((preds == target).mean())
 

@@ -126,7 +126,8 @@ def removal(original, proto, images, probes=(), min_agreement=MIN_AGREEMENT, max
     """Whether a repair removed what was found, measured through the repaired model on held-out images.
 
     ``original``: the model's context; ``images``: the held-out clean images; ``probes``: (Probe, target, held-out
-    probe images or None) for every probe that led to the repair. For each probe (a trigger stamped on the
+    probe images or None[, source classes or None]) for every probe that led to the repair (a source-specific
+    trigger's success is over its source classes' images). For each probe (a trigger stamped on the
     held-out clean images, or the held-out part of a probe folder): its success on the original and on the
     repaired model; and the repaired model's agreement with the original on the held-out clean images.
     ``removed`` when every probe is under RESIDUAL_SUCCESS, agreement reaches ``min_agreement`` (or, with
@@ -144,9 +145,10 @@ def removal(original, proto, images, probes=(), min_agreement=MIN_AGREEMENT, max
     if max_accuracy_drop is not None and labels is not None:
         accuracy = {"before": round(float((p0 == labels).mean()), 6), "after": round(float((p1 == labels).mean()), 6)}
     rows, reasons = [], []
-    for i, (probe, target, probe_held) in enumerate(probes):
+    for i, (probe, target, probe_held, *rest) in enumerate(probes):
+        sources = rest[0] if rest else None
         if probe.trigger is not None:
-            others = p0 != target
+            others = (p0 != target) & (np.isin(p0, sources) if sources else True)
             b, _ = runner0.predict(images, probe.trigger, "check")
             a, _ = runner1.predict(images, probe.trigger, "check")
             before, after = (float((x[others] == target).mean()) if others.any() else 0.0 for x in (b, a))
@@ -155,7 +157,7 @@ def removal(original, proto, images, probes=(), min_agreement=MIN_AGREEMENT, max
             b, _ = runner0.predict(held, label="check")
             a, _ = runner1.predict(held, label="check")
             before, after = float((b == target).mean()), float((a == target).mean())
-        rows.append({"probe": probe.describe(), "target": int(target), "success_before": round(before, 6),
+        rows.append({"probe": probe.describe(), "target": int(target), "sources": sources, "success_before": round(before, 6),
                      "success_after": round(after, 6), "dead": after < RESIDUAL_SUCCESS})
         if after >= RESIDUAL_SUCCESS:
             reasons.append(f"probe {i} ({_label(probe)}) still sends {after:.1%} of held-out images to class {target} "

@@ -198,7 +198,8 @@ def removal_lines(report):
         lines.append(f"removal check on {where} clean images, through the repaired model: agreement "
                      f"{check['agreement']:.2%}{acc_text}")
         for p in check["probes"]:
-            lines.append(f"  -> class {p['target']}: {p['success_before']:.1%} -> {p['success_after']:.1%}"
+            src = f" (from class {', '.join(map(str, p['sources']))})" if p.get("sources") else ""
+            lines.append(f"  -> class {p['target']}{src}: {p['success_before']:.1%} -> {p['success_after']:.1%}"
                          f" {'(dead)' if p['dead'] else '(STILL WORKS)'}")
         lines += [f"  {r}" for r in check["reasons"]]
     if out:
