@@ -233,3 +233,29 @@ def test_source_specific_probe_is_judged_on_its_source_class(tmp_path):
     assert metrics.attack_success(before, entry, trigger, 1, x, y) > 0.9
     assert metrics.attack_success(after, entry, trigger, 1, x, y) <= 0.05
     assert metrics.clean_accuracy(after, x, y) >= metrics.clean_accuracy(before, x, y) - 0.01
+
+
+def test_all_to_all_probe_counts_changed_predictions(tmp_path):
+    """The RGB all-to-all BadNets (y -> y + 1): its trigger sends no one class half of the images, so it read "nothing
+    found"; as an all-to-all probe its success is the fraction of predictions it changes, and the repair is measured by
+    that and by the real all-to-all ASR on the test sample."""
+    import json as _json
+
+    from models import metrics
+
+    rgb = MODELS / "rgb"
+    entry = next(m for m in _json.loads((rgb / "manifest.json").read_text())["models"] if m["name"] == "rgb10_preact_all2all")
+    out = tmp_path / "s.onnx"
+    trigger_file = rgb / entry["triggers"][0]["file"]
+    report, proto, found = sanitize_with_probes(rgb / entry["file"], rgb / "data" / "rgb10_clean.npz", [trigger_file],
+                                                out, device="cpu")
+    assert found and report["probes"][0]["all_to_all"] and report["probes"][0]["sources"] is None
+    check = report["removal"]["probes"][0]
+    assert check["all_to_all"] and check["success_before"] > 0.5 and report["outcome"] == "removed"
+    x, y = metrics.sample("rgb10")
+    ctx = ModelContext.open(rgb / entry["file"], device="cpu")
+    before, after = (lambda z, c=c: c.runner().run(z).scores.argmax(1) for c in (ctx, ctx.derived(proto)))
+    trigger = Trigger.load(trigger_file)
+    asr0, asr1 = (metrics.attack_success(f, entry, trigger, None, x, y) for f in (before, after))
+    assert asr0 > 0.6 and asr1 < 0.25, (asr0, asr1)
+    assert metrics.clean_accuracy(after, x, y) >= metrics.clean_accuracy(before, x, y) - 0.01

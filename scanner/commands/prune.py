@@ -47,7 +47,7 @@ def check_repair(rep, proto, min_agreement, max_accuracy_drop=None, original=Non
     """The removal check (:func:`scanner.repair.verify.removal`) of ``proto`` repaired from ``rep``'s probes, on its
     held-out images, against ``original`` (default: ``rep``'s own model)."""
     images = rep.holdout_set if rep.holdout_set is not None else rep.clean_set
-    probes = list(zip(rep.probes, rep.targets, rep.probe_holdout, rep.sources))
+    probes = list(zip(rep.probes, rep.targets, rep.probe_holdout, rep.sources, rep.untargeted))
     return removal(original or rep.ctx, proto, images, probes, min_agreement, max_accuracy_drop, rep.holdout_set is not None)
 
 
@@ -80,7 +80,7 @@ def repair_report(command, rep, plan, before, after, levels, rule):
         "preprocess": rep.pre.to_dict(),
         "runtime": {"provider": rep.runner.provider},
         "data": {"clean": str(rep.clean_set.path), "images": rep.clean.images, "labeled": rep.labels is not None},
-        "probes": [dict(p.describe(), target=t, paired=rep.paired(i), sources=rep.sources[i])
+        "probes": [dict(p.describe(), target=t, paired=rep.paired(i), sources=rep.sources[i], all_to_all=rep.untargeted[i])
                    for i, (p, t) in enumerate(zip(rep.probes, rep.targets))],
         "rule": rule,
         "pruned": [{"layer": lid, "channels": ch} for lid, ch in sorted(plan.items())],

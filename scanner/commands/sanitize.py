@@ -179,7 +179,7 @@ def _clipped_repair(rep, layers, batch_size):
     if proto is None:
         return rep, entry
     clipped = Repair(rep.ctx.derived(proto), rep.clean_set, rep.probes, layers, batch_size, targets=rep.targets,
-                     holdout=rep.holdout_set, reference=rep.ctx, sources=rep.sources)
+                     holdout=rep.holdout_set, reference=rep.ctx, sources=rep.sources, untargeted=rep.untargeted)
     clipped.probe_holdout = rep.probe_holdout
     return clipped, entry
 
@@ -272,7 +272,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
         rep = Repair(work, images, [Probe(trigger=c.trigger(result.color), source=f"synthesized:{c.describe()}") for c in probes],
                      "last", batch_size, limit, [c.target for c in probes], holdout=held,
                      reference=original if clip_entry and clip_entry["chosen"] is not None else None,
-                     sources=[None] * len(probes))  # synthesized to move every other class (all-to-one)
+                     sources=[None] * len(probes), untargeted=[False] * len(probes))  # synthesized all-to-one
         if max(rep.base.probe_success) <= NO_EFFECT:  # no synthesized trigger has an effect left on the model to
             # repair (after a graph cut or the clipping): nothing to refit
             rep_report, proto, _ = sanitize_with_probes(work, images, None, None, "none", rep=rep, check=False, clip=False)

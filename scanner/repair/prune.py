@@ -64,11 +64,12 @@ class Repair:
 
     ``reference``: the context of the model before an earlier repair step (the activation clipping): agreement is
     measured against its predictions and the refit fits its head scores (default: ``ctx``'s own). ``sources``: each
-    probe's source classes (see :meth:`_sources`), when an earlier Repair of the same images found them.
+    probe's source classes (see :meth:`_sources`) and ``untargeted`` whether it is all-to-all (:meth:`_untargeted`),
+    when an earlier Repair of the same images found them.
     """
 
     def __init__(self, ctx, data, probes, layers="last", batch_size=64, limit=None, targets=None, labeled=None,
-                 min_images=1, holdout=HOLDOUT_FRACTION, reference=None, sources=None):
+                 min_images=1, holdout=HOLDOUT_FRACTION, reference=None, sources=None, untargeted=None):
         self.ctx = ctx
         self.model, self.pre = ctx.model, ctx.preprocess
         self.clean_set = data if not isinstance(data, (str, bytes)) and hasattr(data, "batches") else ImageSet(
@@ -93,7 +94,10 @@ class Repair:
         self.labels = self.clean.labels
         self.probed = [self._measure_probe(p) for p in self.probes]
         self.targets = list(targets) if targets is not None else [self._dominant(m) for m in self.probed]
-        self.sources = list(sources) if sources is not None else [self._sources(i, m.preds) for i, m in enumerate(self.probed)]
+        self.untargeted = (list(untargeted) if untargeted is not None else
+                           [self._untargeted(i, m.preds) for i, m in enumerate(self.probed)])
+        self.sources = (list(sources) if sources is not None else
+                        [None if u else self._sources(i, m.preds) for i, (u, m) in enumerate(zip(self.untargeted, self.probed))])
         scores = [probe_scores(self.clean.stats, m.stats, self.runner.slices) for m in self.probed]
         zeros = np.zeros(self.runner.channels)
         self.rise = np.max([r for r, _ in scores], axis=0) if scores else zeros
@@ -133,6 +137,20 @@ class Repair:
         k = dominant_class(self.reference.preds, m.preds) if len(m.preds) == len(self.reference.preds) else None
         return k if k is not None else int(np.bincount(m.preds).argmax())
 
+    def _untargeted(self, i, preds):
+        """Whether probe ``i`` is an all-to-all trigger: it changes the prediction of at least PROBE_EFFECT of the
+        (paired) images but sends fewer than PROBE_EFFECT of the other-class images to any one class, and most of the
+        images it changes go elsewhere than its dominant class. Its success is then the fraction it changes."""
+        if not self.paired(i):
+            return False
+        ref, target = self.reference.preds, self.targets[i]
+        moved = preds != ref
+        if moved.mean() < PROBE_EFFECT:
+            return False
+        others = ref != target
+        to_target = float((preds[others] == target).mean()) if others.any() else 0.0
+        return to_target < PROBE_EFFECT and float((preds[moved] == target).mean()) < 0.5
+
     def _sources(self, i, preds):
         """The source classes of a source-specific probe ``i``: when it moves too few of all other-class images (under
         PROBE_EFFECT) but at least PROBE_EFFECT of some classes' own images (each with SOURCE_IMAGES or more), those
@@ -153,8 +171,11 @@ class Repair:
 
     def success(self, i, preds):
         """Probe ``i``'s success: the fraction of its images sent to its target (over images not already there; for a
-        source-specific probe, over its source classes' images)."""
+        source-specific probe, over its source classes' images; for an all-to-all one, the fraction whose prediction
+        it changes)."""
         target = self.targets[i]
+        if self.paired(i) and self.untargeted[i]:
+            return float((preds != self.reference.preds).mean())
         if self.paired(i):
             others = self.reference.preds != target
             if self.sources[i]:

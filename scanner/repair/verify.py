@@ -126,8 +126,9 @@ def removal(original, proto, images, probes=(), min_agreement=MIN_AGREEMENT, max
     """Whether a repair removed what was found, measured through the repaired model on held-out images.
 
     ``original``: the model's context; ``images``: the held-out clean images; ``probes``: (Probe, target, held-out
-    probe images or None[, source classes or None]) for every probe that led to the repair (a source-specific
-    trigger's success is over its source classes' images). For each probe (a trigger stamped on the
+    probe images or None[, source classes or None[, all-to-all]]) for every probe that led to the repair (a
+    source-specific trigger's success is over its source classes' images; an all-to-all one's is the fraction of
+    predictions it changes, on each model against its own clean predictions). For each probe (a trigger stamped on the
     held-out clean images, or the held-out part of a probe folder): its success on the original and on the
     repaired model; and the repaired model's agreement with the original on the held-out clean images.
     ``removed`` when every probe is under RESIDUAL_SUCCESS, agreement reaches ``min_agreement`` (or, with
@@ -147,7 +148,12 @@ def removal(original, proto, images, probes=(), min_agreement=MIN_AGREEMENT, max
     rows, reasons = [], []
     for i, (probe, target, probe_held, *rest) in enumerate(probes):
         sources = rest[0] if rest else None
-        if probe.trigger is not None:
+        untargeted = bool(rest[1]) if len(rest) > 1 else False
+        if probe.trigger is not None and untargeted:  # all-to-all: how many predictions the trigger changes
+            b, _ = runner0.predict(images, probe.trigger, "check")
+            a, _ = runner1.predict(images, probe.trigger, "check")
+            before, after = float((b != p0).mean()), float((a != p1).mean())
+        elif probe.trigger is not None:
             others = (p0 != target) & (np.isin(p0, sources) if sources else True)
             b, _ = runner0.predict(images, probe.trigger, "check")
             a, _ = runner1.predict(images, probe.trigger, "check")
@@ -157,10 +163,12 @@ def removal(original, proto, images, probes=(), min_agreement=MIN_AGREEMENT, max
             b, _ = runner0.predict(held, label="check")
             a, _ = runner1.predict(held, label="check")
             before, after = float((b == target).mean()), float((a == target).mean())
-        rows.append({"probe": probe.describe(), "target": int(target), "sources": sources, "success_before": round(before, 6),
+        rows.append({"probe": probe.describe(), "target": int(target), "sources": sources, "all_to_all": untargeted,
+                     "success_before": round(before, 6),
                      "success_after": round(after, 6), "dead": after < RESIDUAL_SUCCESS})
         if after >= RESIDUAL_SUCCESS:
-            reasons.append(f"probe {i} ({_label(probe)}) still sends {after:.1%} of held-out images to class {target} "
+            where = "another class (all-to-all)" if untargeted else f"class {target}"
+            reasons.append(f"probe {i} ({_label(probe)}) still sends {after:.1%} of held-out images to {where} "
                            f"(dead below {RESIDUAL_SUCCESS:.0%})")
     if accuracy is not None:
         drop = accuracy["before"] - accuracy["after"]

@@ -166,7 +166,8 @@ def repair_table(report):
         rows.append(["clean accuracy", f"{b['accuracy']:.2%}", f"{a['accuracy']:.2%}"])
     rows.append(["clean agreement", f"{b['agreement']:.2%}", f"{a['agreement']:.2%}"])
     for i, p in enumerate(report["probes"]):
-        rows.append([f"probe success -> {p['target']}", f"{b['probe_success'][i]:.2%}", f"{a['probe_success'][i]:.2%}"])
+        label = "probe changes (all-to-all)" if p.get("all_to_all") else f"probe success -> {p['target']}"
+        rows.append([label, f"{b['probe_success'][i]:.2%}", f"{a['probe_success'][i]:.2%}"])
     if report.get("refit"):
         rows.append(["head refit", "-", report["rule"].get("method")])
     lines = []
@@ -199,7 +200,8 @@ def removal_lines(report):
                      f"{check['agreement']:.2%}{acc_text}")
         for p in check["probes"]:
             src = f" (from class {', '.join(map(str, p['sources']))})" if p.get("sources") else ""
-            lines.append(f"  -> class {p['target']}{src}: {p['success_before']:.1%} -> {p['success_after']:.1%}"
+            dest = "any class (all-to-all)" if p.get("all_to_all") else f"class {p['target']}"
+            lines.append(f"  -> {dest}{src}: {p['success_before']:.1%} -> {p['success_after']:.1%}"
                          f" {'(dead)' if p['dead'] else '(STILL WORKS)'}")
         lines += [f"  {r}" for r in check["reasons"]]
     if out:
