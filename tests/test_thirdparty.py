@@ -21,7 +21,12 @@ CLASSICS_CI = ["squeezenet", "resnet50", "densenet121", "inception_v1", "shuffle
 
 
 def _ops(model):
-    return sorted(n.op_type for n in model.graph.node)
+    """The model's operators, without the activation clipping's Min / Max bounds (checked to be only those)."""
+    from scanner.graph.surgery import CLIP_SUFFIX
+
+    bounds = {n.op_type for n in model.graph.node if n.name.endswith(CLIP_SUFFIX)}
+    assert bounds <= {"Min", "Max"}, bounds
+    return sorted(n.op_type for n in model.graph.node if not n.name.endswith(CLIP_SUFFIX))
 
 
 # ---- folding -------------------------------------------------------------------------------------------------
