@@ -92,3 +92,22 @@ def test_repair_rounds_take_triggers_of_every_family(run_cli, tmp_path):
     again = [w["trigger"] for r in report["repair"]["rounds"] for w in r.get("still_working", [])]
     assert any(t.startswith("warp") for t in again)
     assert report["repair"]["clip"] is None
+
+
+@pytest.mark.parametrize("name, flagged", [("rgb10_preact_all2all", True), ("rgb10_preact_clean", False)])
+def test_all_to_all_found_by_what_a_patch_changes(name, flagged):
+    """All-to-all BadNets (y -> y + 1): no class's trigger works (each source goes elsewhere), so no size stands out;
+    the synthesized 3x3 patches change most held-out predictions instead. Its clean twin's patches do not."""
+    from scanner.data.images import ImageSet, cached, holdout_split
+    from scanner.detect.synthesis import Config, Synthesizer, queries_for, search_runner
+    from scanner.detect.verdict import ALL_TO_ALL_CHANGED, decide
+
+    rgb = Path(__file__).resolve().parents[1] / "models" / "rgb"
+    ctx = ModelContext.open(rgb / f"{name}.onnx", device="cpu", threads=2)
+    images, _, _ = holdout_split(cached(ImageSet(rgb / "data" / "rgb10_clean.npz"), ctx.preprocess))
+    cfg = Config(budget=None, seed=0)
+    synth = Synthesizer(search_runner(ctx, cfg.batch_size), images.load_all(ctx.preprocess).pixels, cfg, queries_for(ctx))
+    verdict = decide(synth.run(), ctx)
+    spread = [c for c in verdict["candidates"] if c.get("kind") == "all-to-all"]
+    assert bool(spread) == flagged and (verdict["verdict"] == "backdoored") == flagged
+    assert all(c["family"] == "patch" and c["changed"] - c["success"] >= ALL_TO_ALL_CHANGED for c in spread)

@@ -257,9 +257,12 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
         flagged = [{"target": result.classes[i].target, "family": fam}]
     by_target = {r.target: r for r in result.classes}
     probes = [by_target[c["target"]].found[c["family"]] for c in flagged]
+    spread = {id(p) for p, c in zip(probes, flagged) if c.get("kind") == "all-to-all"}  # judged by what they change
     n_flagged = len(probes)
     for cand in list(probes):
-        probes += _best_variants(synth, cand)
+        more = _best_variants(synth, cand, untargeted=id(cand) in spread)
+        spread |= {id(v) for v in more} if id(cand) in spread else set()
+        probes += more
     rounds_log, best, clip_entry = [], None, None
     targets = sorted({c.target for c in probes})
     original = work
@@ -272,7 +275,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
         rep = Repair(work, images, [Probe(trigger=c.trigger(result.color), source=f"synthesized:{c.describe()}") for c in probes],
                      "last", batch_size, limit, [c.target for c in probes], holdout=held,
                      reference=original if clip_entry and clip_entry["chosen"] is not None else None,
-                     sources=[None] * len(probes), untargeted=[False] * len(probes))  # synthesized all-to-one
+                     sources=[None] * len(probes), untargeted=[id(c) in spread for c in probes])
         if max(rep.base.probe_success) <= NO_EFFECT:  # no synthesized trigger has an effect left on the model to
             # repair (after a graph cut or the clipping): nothing to refit
             rep_report, proto, _ = sanitize_with_probes(work, images, None, None, "none", rep=rep, check=False, clip=False)
@@ -324,12 +327,14 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
     return report, proto, found
 
 
-def _best_variants(synth, cand, count=None):
+def _best_variants(synth, cand, count=None, untargeted=False):
     """The variants of ``cand`` that work best on the original model (at least VARIANT_SUCCESS; the smallest
-    first among equals): MAX_VARIANTS[family] of them."""
-    found = [v for v in synth.measure(variants(cand, (synth.h, synth.w))) if v.success >= VARIANT_SUCCESS]
+    first among equals; ``untargeted``, for an all-to-all trigger: by the predictions they change): MAX_VARIANTS[family]
+    of them."""
+    effect = (lambda v: v.changed - v.success) if untargeted else (lambda v: v.success)
+    found = [v for v in synth.measure(variants(cand, (synth.h, synth.w))) if effect(v) >= VARIANT_SUCCESS]
     count = MAX_VARIANTS[cand.family] if count is None else count
-    return sorted(found, key=lambda v: (-round(v.success, 2), v.size))[:count]
+    return sorted(found, key=lambda v: (-round(effect(v), 2), v.size))[:count]
 
 
 def save_triggers(result, flagged, folder):

@@ -52,6 +52,9 @@ class Candidate:
     depicts: int = None
     """blend: the class whose clean images the pattern is made of (a class prototype, a natural image). Blending a
     class's own images in is how that class looks, not a trigger: the pattern never counts for that class."""
+    changed: float = None
+    """The fraction of the images (any class) whose prediction the trigger changes, on the last images measured: an
+    all-to-all trigger changes most of them without sending most to its one target."""
 
     @property
     def size(self):

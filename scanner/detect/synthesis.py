@@ -173,6 +173,7 @@ class Synthesis:
                     "size": round(c.size, 6),
                     "success": round(c.success, 6),
                     "soft_success": round(c.soft, 6),
+                    "changed": None if c.changed is None else round(c.changed, 6),
                     "works": bool(c.success >= self.config.success),
                     **({"fingerprint": r.fingerprint[fam]} if fam in r.fingerprint else {}),
                 }
@@ -299,8 +300,9 @@ class Synthesizer:
             self._check_time()
             logits, linf = self._run(np.concatenate([c.stamp(x) for c in group]))
             succ, soft = self._score(logits, pred0, np.array([c.target for c in group]))
+            changed = (logits.reshape(len(group), len(x), -1).argmax(2) != pred0[None, :]).mean(1)
             for j, c in enumerate(group):
-                c.success, c.soft = float(succ[j]), float(soft[j])
+                c.success, c.soft, c.changed = float(succ[j]), float(soft[j]), float(changed[j])
                 if linf0 is not None:
                     fps.append(None if linf is None else fingerprint(linf0, linf[j * len(x) : (j + 1) * len(x)]))
         return fps
