@@ -15,8 +15,8 @@ Signals, per class and trigger family (:mod:`scanner.detect.synthesis`):
   bypasses the head, image-dependent control flow) makes the model ``backdoored`` whatever the search found,
   a medium one (a switch or a crop of the raw input) at least ``suspicious``.
 
-A synthesized patch that changes most held-out predictions without sending them to its class is an all-to-all
-trigger (:func:`all_to_all`): ``backdoored``, candidate ``kind`` ``all-to-all``.
+A synthesized patch that changes most held-out predictions without sending them to its class (the lower end of
+the 95% interval of that fraction reaching ALL_TO_ALL_CHANGED) is an all-to-all trigger (:func:`all_to_all`): ``backdoored``, candidate ``kind`` ``all-to-all``.
 
 A class is ``backdoored`` when its trigger works, its size anomaly is above ``ANOMALY`` and either the
 fingerprint is above ``FINGERPRINT_Z`` or the anomaly is above ``STRONG_ANOMALY``; ``suspicious`` when it
@@ -73,11 +73,24 @@ def classify(works, anomaly, z, shift=0.0):
     return "clean"
 
 
-def all_to_all(cand, tau):
+def wilson_low(p, n, z=1.96):
+    """The lower end of the Wilson score interval of a fraction ``p`` measured on ``n`` images."""
+    if n <= 0:
+        return 0.0
+    p = min(max(float(p), 0.0), 1.0)
+    z2 = z * z
+    centre = p + z2 / (2 * n)
+    half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return float((centre - half) / (1 + z2 / n))
+
+
+def all_to_all(cand, tau, images):
     """Whether a synthesized trigger that does not work for its class (success under ``tau``) changes so many other
-    predictions that it is an all-to-all trigger (ALL_TO_ALL_CHANGED, ALL_TO_ALL_FAMILIES)."""
+    predictions that it is an all-to-all trigger (ALL_TO_ALL_CHANGED, ALL_TO_ALL_FAMILIES): the lower end of the
+    95% interval of ``changed - success`` on its ``images`` held-out images must reach it (at 1,000 classes the
+    search checks 18 images, where 11 of 18 changed by chance is no evidence)."""
     return (cand.family in ALL_TO_ALL_FAMILIES and cand.success < tau and cand.changed is not None
-            and cand.changed - cand.success >= ALL_TO_ALL_CHANGED)
+            and wilson_low(cand.changed - cand.success, images) >= ALL_TO_ALL_CHANGED)
 
 
 def anomaly_index(values):
@@ -128,6 +141,7 @@ def decide(synthesis, ctx=None):
     tau = synthesis.config.success
     classes = (synthesis.screening or {}).get("classes") or len(synthesis.classes)
     shift = class_shift(classes)
+    checked = int((synthesis.plan or {}).get("val_images") or 0)  # the held-out images each trigger was checked on
     candidates = []
     for i, result in enumerate(synthesis.classes):
         for family, cand in result.found.items():
@@ -136,7 +150,7 @@ def decide(synthesis, ctx=None):
             fp = result.fingerprint.get(family, {})
             z = fp.get("z", [0.0])[0] if fp else 0.0
             level, kind = classify(works, a, z, shift), "all-to-one"
-            if level == "clean" and all_to_all(cand, tau):
+            if level == "clean" and all_to_all(cand, tau, checked):
                 level, kind = "backdoored", "all-to-all"
             if level == "clean":
                 continue
