@@ -59,10 +59,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    started, rows, families = time.perf_counter(), [], None
+    started, rows, families = time.perf_counter(), [], []
     for path, data, name, attack in jobs():
         verdict, per = measure(path, data)
-        families = families or list(per)
+        families += [f for f in per if f not in families]  # grayscale models have no filter family
         kinds = sorted({c.get("kind") for c in verdict["candidates"] if c["level"] == verdict["verdict"]} - {None})
         rows.append((name, attack, verdict["verdict"], ", ".join(kinds) or "-", per))
         print(f"{name}: {verdict['verdict']} {per}", file=sys.stderr)
@@ -78,9 +78,10 @@ def main(argv=None):
              "| model | attack | verdict | kind | " + " | ".join(families) + " |",
              "|---|---|---|---|" + "---|" * len(families)]
     for name, attack, v, kind, per in rows:
-        lines.append(f"| {name} | {attack} | {v} | {kind} | " + " | ".join(f"{per[f]:.3f}" for f in families) + " |")
+        lines.append(f"| {name} | {attack} | {v} | {kind} | "
+                     + " | ".join(f"{per[f]:.3f}" if f in per else "-" for f in families) + " |")
     lines += ["", "Largest over the clean models: " + ", ".join(
-        f"{f} {max(r[4][f] for r in clean):.3f}" for f in families) + ".", END]
+        f"{f} {max(r[4][f] for r in clean if f in r[4]):.3f}" for f in families) + ".", END]
     publish("\n".join(lines), BEGIN, END, write=not args.no_write)
 
 
