@@ -114,12 +114,13 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
         if cut and targets is None:  # the classes the probes push images to on the model as it came, not the cut one
             targets = probe_targets(ctx, data, probes, limit, min_images)
         rep = Repair(work, data, probes, layers, batch_size, limit, targets, min_images=min_images)
+    moved = rep.found  # judged on the model as it is repaired, before any clipping
     clip_entry = None
-    if (clip and method in ("refit", "both") and rep.head is not None and rep.found
+    if (clip and method in ("refit", "both") and rep.head is not None and moved
             and any(rep.paired(i) for i in range(len(rep.probes)))):
         rep, clip_entry = _clipped_repair(rep, layers, batch_size)
-    found = rep.found or bool(cut or refusal) or clip_entry is not None
-    if not rep.found and cut:  # the cut alone disarmed the probes: nothing more to do
+    found = moved or bool(cut or refusal)
+    if not moved and cut:  # the cut alone disarmed the probes: nothing more to do
         method = "none"
     fallbacks = []
     if method in ("refit", "both") and not any(rep.paired(i) for i in range(len(rep.probes))):
