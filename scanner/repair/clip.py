@@ -42,14 +42,18 @@ def peaks(ctx, layers, pixels):
     return runner.run(pixels).norms["linf"], runner.slices
 
 
-def bounds_at(ctx, layers, slices, peak, quantile):
-    """{layer id: (low, high)}: ``quantile`` of the per-image peaks per channel; low = -high for a signed map
-    (None for a nonnegative one), in each map's dtype."""
+def map_dtypes(ctx, layers):
+    """The numpy dtype of each layer's read (its bounds are written in it)."""
     gi = GraphIndex(ctx.proto, infer=False)
+    return [onnx.helper.tensor_dtype_to_np_dtype(gi.elem_type(l.read)) for l in layers]
+
+
+def bounds_at(layers, slices, dtypes, peak, quantile):
+    """{layer id: (low, high)}: ``quantile`` of the per-image peaks per channel; low = -high for a signed map
+    (None for a nonnegative one), in each map's dtype (``dtypes``, see :func:`map_dtypes`)."""
     top = np.percentile(peak, quantile, axis=0)
     out = {}
-    for layer, (lo, hi) in zip(layers, slices):
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(gi.elem_type(layer.read))
+    for layer, (lo, hi), dtype in zip(layers, slices, dtypes):
         b = top[lo:hi].astype(dtype)
         out[layer.id] = (None if layer.nonnegative else -b, b)
     return out
@@ -78,12 +82,13 @@ def clip(ctx, pixels, probes, queries):
     if not layers:
         return None, {"layers": 0, "chosen": None, "tried": [], "reason": "no layer to bound"}
     peak, slices = peaks(ctx, layers, pixels)
+    dtypes = map_dtypes(ctx, layers)
     sample = pixels[:sample_size(queries, len(probes))]
     color = ctx.preprocess.color
     base = ctx.runner().run(sample, norms=False, features=False).scores.argmax(1)
     tried, chosen, passes = [], None, len(pixels) + len(sample)
     for q in QUANTILES:
-        proto = surgery.clip(ctx.proto, layers, bounds_at(ctx, layers, slices, peak, q))
+        proto = surgery.clip(ctx.proto, layers, bounds_at(layers, slices, dtypes, peak, q))
         runner = ctx.derived(proto).runner()
         agreement = float((runner.run(sample, norms=False, features=False).scores.argmax(1) == base).mean())
         success = [_success(runner, sample, t, k, color, base) for t, k in probes]
