@@ -39,6 +39,17 @@ def zoo_path(name):
     return MODELS / zoo_entry(name)["file"]
 
 
+RGB = MODELS / "rgb"
+
+
+def rgb_entry(name):
+    """The RGB zoo manifest entry of model ``name``."""
+    path = RGB / "manifest.json"
+    if not path.exists():
+        pytest.skip("models/rgb/manifest.json missing: run python -m models.recipes.rgb")
+    return next(m for m in json.loads(path.read_text())["models"] if m["name"] == name)
+
+
 @pytest.fixture
 def run_cli(capfd):
     """Run the console entry point in-process; returns (exit code, stdout, stderr)."""

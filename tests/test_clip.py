@@ -1,11 +1,9 @@
 """Activation clipping: bounds from clean peaks keep clean behaviour and take a patch trigger's effect away."""
 
-import json
-
 import onnx
 import pytest
 
-from conftest import MODELS
+from conftest import RGB, rgb_entry
 from models import metrics
 from scanner.context import ModelContext
 from scanner.data.images import ImageSet
@@ -16,13 +14,6 @@ from scanner.graph import surgery
 from scanner.repair import clip
 from scanner.repair.prune import Repair
 from scanner.repair.verify import verify
-
-
-RGB = MODELS / "rgb"
-
-
-def rgb_entry(name):
-    return next(m for m in json.loads((RGB / "manifest.json").read_text())["models"] if m["name"] == name)
 
 
 @pytest.fixture(scope="module")

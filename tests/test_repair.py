@@ -212,13 +212,10 @@ def test_source_specific_probe_is_judged_on_its_source_class(tmp_path):
     """The RGB MobileNetV2 whose 4x4 patch flips only class 7 to class 1: over all other-class images the real trigger
     moves about a ninth of them (under the 50% that makes a probe count), so it used to read "nothing found". Judged
     on its source class it is found, repaired, and measured dead on that class's held-out images."""
-    import json as _json
-
+    from conftest import RGB as rgb, rgb_entry
     from models import metrics
 
-    rgb = MODELS / "rgb"
-    entry = next(m for m in _json.loads((rgb / "manifest.json").read_text())["models"]
-                 if m["name"] == "rgb10_mobilenetv2_source")
+    entry = rgb_entry("rgb10_mobilenetv2_source")
     out = tmp_path / "s.onnx"
     trigger_file = rgb / entry["triggers"][0]["file"]
     report, proto, found = sanitize_with_probes(rgb / entry["file"], rgb / "data" / "rgb10_clean.npz", [trigger_file],
@@ -239,12 +236,10 @@ def test_all_to_all_probe_counts_changed_predictions(tmp_path):
     """The RGB all-to-all BadNets (y -> y + 1): its trigger sends no one class half of the images, so it read "nothing
     found"; as an all-to-all probe its success is the fraction of predictions it changes, and the repair is measured by
     that and by the real all-to-all ASR on the test sample."""
-    import json as _json
-
+    from conftest import RGB as rgb, rgb_entry
     from models import metrics
 
-    rgb = MODELS / "rgb"
-    entry = next(m for m in _json.loads((rgb / "manifest.json").read_text())["models"] if m["name"] == "rgb10_preact_all2all")
+    entry = rgb_entry("rgb10_preact_all2all")
     out = tmp_path / "s.onnx"
     trigger_file = rgb / entry["triggers"][0]["file"]
     report, proto, found = sanitize_with_probes(rgb / entry["file"], rgb / "data" / "rgb10_clean.npz", [trigger_file],

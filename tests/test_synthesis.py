@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLEAN, without_timings, zoo_entry, zoo_path
+from conftest import CLEAN, rgb_entry, without_timings, zoo_entry, zoo_path
 
 from scanner.context import ModelContext
 from scanner.data.images import ImageSet
@@ -97,7 +97,7 @@ def _rgb_gate(run_cli, name, *extra):
 
 
 def test_100_class_backdoor_flagged_with_its_target_and_its_clean_twin_passes(run_cli):
-    entry = next(m for m in json.loads((RGB / "manifest.json").read_text())["models"] if m["name"] == "rgb100_preact_badnets")
+    entry = rgb_entry("rgb100_preact_badnets")
     rc, bad, err = _rgb_gate(run_cli, "rgb100_preact_badnets")
     assert rc == 1 and bad["verdict"] == "backdoored" and bad["targets"] == entry["targets"], err
     syn = bad["evidence"]["synthesis"]
