@@ -84,6 +84,30 @@ def test_variants_stay_in_the_image():
     assert [v.alpha for v in variants(blend, (28, 28))] == pytest.approx([0.6, 0.45])
 
 
+def test_filter_candidate_saves_as_the_trigger_it_stamps(tmp_path):
+    """A synthesized filter with a gamma and a vignette (the search moves both) is saved as a filter trigger that
+    stamps the same pixels, in RGB and in a BGR model's color order."""
+    from scanner.detect.families import FILTERS, Candidate
+
+    matrix, bias = (np.asarray(v, np.float32) for v in FILTERS["sepia"])
+    cand = Candidate("filter", 4, alpha=0.7, shape=(16, 16), matrix=matrix, bias=bias, base=0.1, gamma=1.4,
+                     vignette=0.5)
+    x = np.random.RandomState(0).randint(0, 256, (5, 16, 16, 3)).astype(np.float32)
+    stamped = cand.stamp(x)
+    corner, centre = np.abs(stamped - x)[:, 0, 0].mean(), np.abs(stamped - x)[:, 7:9, 7:9].mean()
+    assert corner > centre  # the vignette darkens the corners more
+    assert "gamma 1.28" in cand.describe() and "vignette 0.35" in cand.describe()
+    for color in ("rgb", "bgr"):
+        path = tmp_path / f"filter_{color}.json"
+        cand.trigger(color).save(path)
+        reloaded = Trigger.load(path)
+        assert reloaded.gamma == pytest.approx(1.28) and reloaded.vignette == pytest.approx(0.35)
+        model_order = x if color == "rgb" else x[..., ::-1]
+        again = reloaded.apply(model_order, color=color)
+        want = stamped if color == "rgb" else cand.stamp(model_order)
+        assert np.abs(again - want).max() < 0.05
+
+
 # ---- the search at scale: a query budget, cost independent of the class count ----------------------------------
 
 RGB = Path(__file__).resolve().parents[1] / "models" / "rgb"

@@ -10,7 +10,8 @@ family       trigger                                                            
 ``blend``    ``(1 - a) x + a p`` with a whole-image pattern (Blended, noise, photos)  opacity ``a``
 ``signal``   ``x + A sin(2 pi f t + phi)`` along rows, columns or diagonals (SIG)    amplitude ``A / 255``
 ``warp``     a smooth displacement field (WaNet), strength ``s``                    strength ``s``
-``filter``   a global color transform ``(1 - t) x + t (x M^T + b)`` (TrojAI)        mean pixel change / 255
+``filter``   a global color transform mixed in by ``t``: ``x ((1 - t) I + t M)^T + t b``,   mean pixel change / 255
+             gamma ``1 + t (g - 1)``, vignette ``t v`` (TrojAI's "Instagram" filters)
 ===========  =====================================================================  ============================
 
 Families with a continuous strength (blend, signal, warp, filter) are calibrated by bisecting it on held-out
@@ -46,6 +47,10 @@ class Candidate:
     bias: np.ndarray = None
     base: float = None
     """filter: the mean pixel change / 255 of the full-strength filter on the search images."""
+    gamma: float = 1.0
+    """filter: the full-strength gamma (1: none)."""
+    vignette: float = 0.0
+    """filter: the full-strength vignette (darkening ``v r^2`` toward the corners; 0: none)."""
     earlier: list = None
     """patch: the larger working states the refinement shrank through (the latest, smallest, first): the fallbacks
     when the final one falls short on held-out images."""
@@ -75,7 +80,8 @@ class Candidate:
 
     def copy(self, **changes):
         c = Candidate(self.family, self.target, None if self.pattern is None else self.pattern.copy(), self.box,
-                      self.alpha, 0.0, 0.0, self.shape, self.matrix, self.bias, self.base, depicts=self.depicts)
+                      self.alpha, 0.0, 0.0, self.shape, self.matrix, self.bias, self.base, gamma=self.gamma,
+                      vignette=self.vignette, depicts=self.depicts)
         for k, v in changes.items():
             setattr(c, k, v)
         return c
@@ -395,11 +401,16 @@ FILTERS = {
     "gotham": ([[0.5, 0.35, 0.15], [0.3, 0.5, 0.2], [0.25, 0.3, 0.6]], [0, 5, 25]),
 }
 """Full-strength color filters (matrix on RGB, bias): the kinds of "Instagram" filters TrojAI uses."""
+VIGNETTES = (0.0, 0.5)
+"""Each filter is screened without and with a vignette (Instagram filters often darken the corners); the search's
+moves also change the vignette and the gamma."""
 
 
 class Filter(Strength):
     name = "filter"
-    max_strength = 1.0
+    max_strength = 2.0
+    """Mixes above 1 push a filter past its full strength (more sepia than sepia): a filter that almost works at
+    full strength can still be calibrated to work; the size cap bounds how far."""
 
     def cap(self, cfg):
         return float(cfg.max_filter)
@@ -408,26 +419,31 @@ class Filter(Strength):
         return float(c.alpha * c.base)
 
     def mixed(self, c):
+        """The filter at the candidate's mix ``t``: matrix, bias, gamma, vignette."""
         t = np.float32(c.alpha)
-        return (1 - t) * np.eye(3, dtype=np.float32) + t * c.matrix, t * c.bias
+        m = (1 - t) * np.eye(3, dtype=np.float32) + t * c.matrix
+        return m, t * c.bias, float(max(0.1, 1 + t * (c.gamma - 1))), float(min(1.0, t * c.vignette))
 
     def stamp(self, c, x):
-        m, b = self.mixed(c)
-        return T.color_filter(x, m, b)
+        return T.color_filter(x, *self.mixed(c))
 
     def trigger(self, c, color, extra):
-        m, b = self.mixed(c)
+        m, b, gamma, vignette = self.mixed(c)
         if color == "bgr":  # the filter acts on the model's color order; the file is RGB
             p = [2, 1, 0]
             m, b = m[np.ix_(p, p)], b[p]
-        return T.Trigger(kind="filter", matrix=np.round(m, 5).tolist(), bias=np.round(b, 4).tolist(), extra=extra)
+        return T.Trigger(kind="filter", matrix=np.round(m, 5).tolist(), bias=np.round(b, 4).tolist(),
+                         gamma=round(gamma, 4), vignette=round(vignette, 4), extra=extra)
 
     def describe(self, c):
-        return f"filter mix {c.alpha:.2f} (mean change {255 * self.size(c):.1f}/255)"
+        _, _, gamma, vignette = self.mixed(c)
+        extra = "".join([f", gamma {gamma:.2f}" if abs(gamma - 1) > 5e-3 else "",
+                         f", vignette {vignette:.2f}" if vignette > 5e-3 else ""])
+        return f"filter mix {c.alpha:.2f}{extra} (mean change {255 * self.size(c):.1f}/255)"
 
-    def base_change(self, s, matrix, bias):
+    def base_change(self, s, matrix, bias, gamma=1.0, vignette=0.0):
         probe = s.x_search[: min(16, len(s.x_search))]
-        return float(np.abs(T.color_filter(probe, matrix, bias) - probe).mean() / 255.0) or 1e-3
+        return float(np.abs(T.color_filter(probe, matrix, bias, gamma, vignette) - probe).mean() / 255.0) or 1e-3
 
     def templates(self, s, rng):
         if s.c != 3:
@@ -435,17 +451,26 @@ class Filter(Strength):
         out = []
         for matrix, bias in FILTERS.values():
             m, b = np.asarray(matrix, np.float32), np.asarray(bias, np.float32)
-            base = self.base_change(s, m, b)
-            out += [Candidate("filter", -1, alpha=float(t), shape=s.shape, matrix=m, bias=b, base=base)
-                    for t in s.cfg.filter_mixes]
+            for vignette in VIGNETTES:
+                base = self.base_change(s, m, b, 1.0, vignette)
+                out += [Candidate("filter", -1, alpha=float(t), shape=s.shape, matrix=m, bias=b, base=base,
+                                  vignette=vignette) for t in s.cfg.filter_mixes]
         return out
 
     def propose(self, s, cur, rng, frac, ok):
-        if rng.rand() < 0.5:
+        u = rng.rand()
+        if u < 0.4:
             return self.scaled(cur, ok, rng)
-        m = cur.matrix + np.float32(0.15 * frac) * rng.randn(3, 3).astype(np.float32)
-        b = cur.bias + np.float32(10 * frac) * rng.randn(3).astype(np.float32)
-        return cur.copy(matrix=m, bias=b, base=self.base_change(s, m, b))
+        m, b, gamma, vignette = cur.matrix, cur.bias, cur.gamma, cur.vignette
+        if u < 0.75:  # the color matrix and bias
+            m = m + np.float32(0.15 * frac) * rng.randn(3, 3).astype(np.float32)
+            b = b + np.float32(10 * frac) * rng.randn(3).astype(np.float32)
+        elif u < 0.875:  # the tone curve
+            gamma = float(np.clip(gamma * np.exp(0.3 * frac * rng.randn()), 0.3, 3.0))
+        else:  # the vignette
+            vignette = float(np.clip(vignette + 0.3 * frac * rng.randn(), 0.0, 1.0))
+        return cur.copy(matrix=m, bias=b, gamma=gamma, vignette=vignette,
+                        base=self.base_change(s, m, b, gamma, vignette))
 
 
 FAMILIES = {f.name: f for f in (Patch(), Blend(), Signal(), Warp(), Filter())}
