@@ -202,10 +202,21 @@ def chunk_images(h, w, c, most=512):
     return int(np.clip(CHUNK_BYTES // (h * w * c * 4), 8, most))
 
 
+def fingerprint_layers(layers):
+    """The layer whose per-channel l-inf is the fingerprint: the last conv layer (the paper's), unless feature
+    layers of another kind come after it (a ViT, whose one conv is the patch embedding on the pixels: its peaks
+    measure the pixels, not the features), then the last layer before the head; [] when there is none."""
+    features = [l for l in layers if not l.is_head]
+    last_conv = [l for l in features if l.is_last_conv]
+    if last_conv and not any(l.op_type in ("Gemm", "MatMul") for l in features[features.index(last_conv[0]) + 1 :]):
+        return last_conv
+    return features[-1:]
+
+
 def search_runner(ctx, batch_size=None):
-    """The runner the search queries: scores, plus the last conv layer's per-channel l-inf (the fingerprint)
-    when the model has such a layer."""
-    layers = [l for l in ctx.layers if l.is_last_conv] or [l for l in ctx.layers if not l.is_head][-1:]
+    """The runner the search queries: scores, plus the fingerprint layer's per-channel l-inf
+    (:func:`fingerprint_layers`) when the model has such a layer."""
+    layers = fingerprint_layers(ctx.layers)
     if not layers:
         log.debug("no l-inf fingerprint layer: no layer before the head")
     h, w = ctx.preprocess.size
