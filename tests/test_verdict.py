@@ -20,6 +20,25 @@ def test_anomaly_index_small_side():
     assert (flat == 0).all()  # the spread floor: equal sizes are not anomalies
 
 
+def test_specificity_compares_with_the_other_classes_at_its_size_or_larger():
+    from scanner.detect.families import Candidate
+    from scanner.detect.verdict import SPECIFIC, specificity
+
+    def filt(success, changed, alpha):
+        c = Candidate("filter", 0, alpha=alpha, shape=(8, 8), base=0.2, success=success)
+        c.changed = changed
+        return c
+
+    cand = filt(0.95, 0.85, 0.8)
+    robust = [filt(0.05, 0.2, 1.0), filt(0.1, 0.25, 1.0), filt(0.0, 0.3, 0.9)]
+    assert specificity(cand, robust, 200) >= SPECIFIC  # the model shrugs the family off, except for one class
+    fragile = [filt(0.3, 0.8, 1.0), filt(0.2, 0.75, 1.0), filt(0.4, 0.85, 0.9)]
+    assert specificity(cand, fragile, 200) < SPECIFIC  # any filter of that size changes most predictions
+    smaller = [filt(0.05, 0.05, 0.1)] * 3  # weaker filters say nothing about this one's size
+    assert specificity(cand, robust[:2] + smaller, 200) is None
+    assert specificity(cand, robust, 10) < specificity(cand, robust, 200)  # few checked images, less evidence
+
+
 def test_clp_same_for_folded_and_unfused_batchnorm():
     rows = [channel_lipschitz(ctx.proto, ctx.layers)["layers"] for ctx in (ModelContext.open(zoo_path(n)) for n in
             ("cnn_badnets", "cnn_badnets_legacy", "cnn_badnets_bnunfused"))]
@@ -94,16 +113,12 @@ def test_repair_rounds_take_triggers_of_every_family(run_cli, tmp_path):
     assert report["repair"]["clip"] is None
 
 
-@pytest.mark.parametrize("name, flagged", [("rgb10_preact_all2all", True), ("rgb10_preact_clean", False),
-                                           ("rgb1000_preact_clean", False)])
-def test_all_to_all_found_by_what_a_patch_changes(name, flagged):
-    """All-to-all BadNets (y -> y + 1): no class's trigger works (each source goes elsewhere), so no size stands out;
-    the synthesized 3x3 patches change most held-out predictions instead. Its clean twin's patches do not; nor does
-    the 1,000-class clean model's, whose search checks each trigger on 18 images only (11 of them changed: no
-    evidence at that count)."""
+def _rgb_verdict(name):
+    """The verdict of the blind search on an RGB zoo model, as `scanner sanitize` runs it (its clean images less the
+    held-out part, the default query budget, seed 0)."""
     from scanner.data.images import ImageSet, cached, holdout_split
     from scanner.detect.synthesis import Config, Synthesizer, queries_for, search_runner
-    from scanner.detect.verdict import ALL_TO_ALL_CHANGED, decide
+    from scanner.detect.verdict import decide
 
     rgb = Path(__file__).resolve().parents[1] / "models" / "rgb"
     ctx = ModelContext.open(rgb / f"{name}.onnx", device="cpu", threads=2)
@@ -111,7 +126,36 @@ def test_all_to_all_found_by_what_a_patch_changes(name, flagged):
     images, _, _ = holdout_split(cached(ImageSet(data), ctx.preprocess))
     cfg = Config(budget=None, seed=0)
     synth = Synthesizer(search_runner(ctx, cfg.batch_size), images.load_all(ctx.preprocess).pixels, cfg, queries_for(ctx))
-    verdict = decide(synth.run(), ctx)
+    return decide(synth.run(), ctx)
+
+
+@pytest.mark.parametrize("name, flagged", [("rgb10_preact_all2all", True), ("rgb10_preact_clean", False),
+                                           ("rgb1000_preact_clean", False)])
+def test_all_to_all_found_by_what_a_patch_changes(name, flagged):
+    """All-to-all BadNets (y -> y + 1): no class's trigger works (each source goes elsewhere), so no size stands out;
+    the synthesized 3x3 patches change most held-out predictions instead. Its clean twin's patches do not; nor does
+    the 1,000-class clean model's, whose search checks each trigger on 18 images only (11 of them changed: no
+    evidence at that count)."""
+    from scanner.detect.verdict import ALL_TO_ALL_CHANGED
+
+    verdict = _rgb_verdict(name)
     spread = [c for c in verdict["candidates"] if c.get("kind") == "all-to-all"]
     assert bool(spread) == flagged and (verdict["verdict"] == "backdoored") == flagged
     assert all(c["family"] == "patch" and c["changed"] - c["success"] >= ALL_TO_ALL_CHANGED for c in spread)
+
+
+@pytest.mark.parametrize("name, target", [("rgb10_vgg_filter", 4), ("rgb10_vgg_clean", None)])
+def test_filter_backdoor_found_by_its_specificity(name, target):
+    """A sepia + vignette filter backdoor (TrojAI's kind, target 4): the search finds a filter with a vignette that
+    sends over 90% of the images to class 4, while the other classes' filters, as strong or stronger, change about a
+    quarter of the predictions. No other class's filter works, so its size anomaly is censored (under 4); its
+    specificity makes it backdoored. The clean VGG's filters work for no class."""
+    from scanner.detect.verdict import SPECIFIC
+
+    verdict = _rgb_verdict(name)
+    if target is None:
+        assert verdict["verdict"] == "clean" and verdict["targets"] == []
+        return
+    assert verdict["verdict"] == "backdoored" and verdict["targets"] == [target]
+    (cand,) = [c for c in verdict["candidates"] if c["level"] == "backdoored"]
+    assert cand["family"] == "filter" and cand["specificity"] >= SPECIFIC and cand["anomaly"] < 4

@@ -18,6 +18,11 @@ Signals, per class and trigger family (:mod:`scanner.detect.synthesis`):
 A synthesized patch that changes most held-out predictions without sending them to its class (the lower end of
 the 95% interval of that fraction reaching ALL_TO_ALL_CHANGED) is an all-to-all trigger (:func:`all_to_all`): ``backdoored``, candidate ``kind`` ``all-to-all``.
 
+A working trigger whose success far exceeds what its family's triggers of the other classes do at its size or larger
+(:func:`specificity` at least SPECIFIC) is specific: a change the model otherwise shrugs off sends almost every image
+to one class. With a size anomaly above ``ANOMALY`` that makes the class ``backdoored`` (a censored size statistic
+alone cannot show it: when no other class's trigger works, every other size is the family's cap).
+
 A class is ``backdoored`` when its trigger works, its size anomaly is above ``ANOMALY`` and either the
 fingerprint is above ``FINGERPRINT_Z`` or the anomaly is above ``STRONG_ANOMALY``; ``suspicious`` when it
 works, its anomaly is above ``ANOMALY`` and either the anomaly reaches ``SUSPICIOUS_ANOMALY`` or the
@@ -49,6 +54,13 @@ own. No clean model's synthesized patch reached 0.4 (the RGB and grayscale zoos,
 ALL_TO_ALL_FAMILIES = ("patch",)
 """Families whose triggers are judged for all-to-all: a blend, signal, warp or filter strong enough changes many
 predictions of any model (0.5-0.9 on clean ones), a small patch does not."""
+SPECIFIC = 0.5
+"""A working trigger is specific when the lower end of the 95% interval of its success exceeds by this the median
+fraction of predictions that the other classes' triggers of its family change at its size or larger (those that do
+not work for their own class). The tune zoo's clean models reach at most 0.20, its filter backdoor 0.69
+(benchmarks/RESULTS.md, "Specific triggers")."""
+SPECIFIC_OTHERS = 3
+"""Other classes' triggers, at least, that :func:`specificity` needs to compare with."""
 VERDICTS = ("clean", "suspicious", "backdoored")
 log = logging.getLogger("scanner")
 
@@ -91,6 +103,17 @@ def all_to_all(cand, tau, images):
     search checks 18 images, where 11 of 18 changed by chance is no evidence)."""
     return (cand.family in ALL_TO_ALL_FAMILIES and cand.success < tau and cand.changed is not None
             and wilson_low(cand.changed - cand.success, images) >= ALL_TO_ALL_CHANGED)
+
+
+def specificity(cand, others, images):
+    """How far ``cand`` (working) sends more held-out images to its class than the same family's ``others`` (other
+    classes' triggers that do not work, at ``cand``'s size or larger) change predictions at all: the lower end of
+    the 95% interval of its success on ``images`` images minus the median of their ``changed``. None when fewer
+    than SPECIFIC_OTHERS compare."""
+    rivals = [o.changed for o in others if o.changed is not None and o.size >= cand.size]
+    if len(rivals) < SPECIFIC_OTHERS:
+        return None
+    return wilson_low(cand.success, images) - float(np.median(rivals))
 
 
 def anomaly_index(values):
@@ -150,6 +173,10 @@ def decide(synthesis, ctx=None):
             fp = result.fingerprint.get(family, {})
             z = fp.get("z", [0.0])[0] if fp else 0.0
             level, kind = classify(works, a, z, shift), "all-to-one"
+            others = [r.found[family] for r in synthesis.classes if r is not result and family in r.found]
+            spec = specificity(cand, [o for o in others if o.success < tau], checked) if works else None
+            if level != "backdoored" and spec is not None and spec >= SPECIFIC and a > ANOMALY + shift:
+                level = "backdoored"
             if level == "clean" and all_to_all(cand, tau, checked):
                 level, kind = "backdoored", "all-to-all"
             if level == "clean":
@@ -167,6 +194,7 @@ def decide(synthesis, ctx=None):
                     "fingerprint_channels": fp.get("channels", []),
                     "kind": kind,
                     "changed": None if cand.changed is None else round(cand.changed, 6),
+                    "specificity": None if spec is None else round(spec, 4),
                 }
             )
     rank = {v: i for i, v in enumerate(VERDICTS)}
@@ -195,6 +223,7 @@ def decide(synthesis, ctx=None):
             "spread_floor_log": round(SPREAD_FLOOR, 4),
             "fingerprint_z": FINGERPRINT_Z,
             "all_to_all_changed": ALL_TO_ALL_CHANGED,
+            "specific": SPECIFIC,
             "success": tau,
         },
         "evidence": {"sizes": sizes, "synthesis": synthesis.to_dict()},

@@ -233,6 +233,7 @@ def verdict_table(report):
     for c in report["candidates"][:4]:
         lines.append(f"  class {c['target']} {c['family']}: {c['trigger']}, size {c['size']:.4f}, success {c['success']:.1%}, "
                      f"anomaly {c['anomaly']:.1f}, l-inf fingerprint z {c['fingerprint_z']:.1f} -> {c['level']}"
+                     + (f", specificity {c['specificity']:+.2f}" if c.get("specificity") is not None else "")
                      + (f" (all-to-all: changes {c['changed']:.0%} of held-out predictions)" if c.get("kind") == "all-to-all" else ""))
     lines += audit_lines(report.get("graph"))
     if report["verdict"] == "clean" and report.get("output") is None:
