@@ -254,3 +254,27 @@ def test_all_to_all_probe_counts_changed_predictions(tmp_path):
     asr0, asr1 = (metrics.attack_success(f, entry, trigger, None, x, y) for f in (before, after))
     assert asr0 > 0.6 and asr1 < 0.25, (asr0, asr1)
     assert metrics.clean_accuracy(after, x, y) >= metrics.clean_accuracy(before, x, y) - 0.01
+
+
+@pytest.mark.parametrize("name, relocated", [("rgb10_vgg_sticker", True), ("rgb10_preact_badnets", False)])
+def test_a_patch_that_works_anywhere_is_probed_at_other_positions(name, relocated):
+    """The blind repair's probes: the sticker backdoor (a 3x3 patch at random positions) answers to its patch at
+    other places of the image, so the patch joins the probes there too; BadNets' corner patch moved elsewhere does
+    nothing, and no relocated probe is added."""
+    from conftest import RGB, rgb_entry
+    from scanner.commands.sanitize import MAX_RELOCATIONS, VARIANT_SUCCESS, _relocated
+    from scanner.detect.families import Candidate
+    from scanner.detect.synthesis import Config, Synthesizer, search_runner
+
+    entry = rgb_entry(name)
+    trigger = Trigger.load(RGB / entry["triggers"][0]["file"])
+    ctx = ModelContext.open(RGB / entry["file"], threads=2)
+    pixels = ImageSet(RGB / "data" / "rgb10_clean.npz", limit=300).load_all(ctx.preprocess).pixels
+    synth = Synthesizer(search_runner(ctx), pixels, Config(budget=None), 20_000)
+    h, w = trigger.image.shape[:2]
+    cand = Candidate("patch", entry["triggers"][0]["target"], trigger.image.astype(np.float32), (32 - h - 1, 32 - w - 1, h, w),
+                     shape=(32, 32))
+    assert synth.measure([cand])[0].success >= 0.9  # the real patch, where BadNets puts it
+    found = _relocated(synth, cand)
+    assert bool(found) == relocated and len(found) <= MAX_RELOCATIONS
+    assert all(c.success >= VARIANT_SUCCESS and c.box != cand.box for c in found)

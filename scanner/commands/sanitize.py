@@ -16,6 +16,7 @@ from scanner.commands.prune import check_repair, finish, repair_report
 from scanner.context import ModelContext
 from scanner.data.images import ImageSet, cached, holdout_split
 from scanner.data.probes import Probe
+from scanner.detect.families import FAMILIES
 from scanner.detect.scan import dominant_class
 from scanner.detect.synthesis import QUERIES_MIN, Config, Synthesizer, queries_for, search_runner, variants
 from scanner.detect.verdict import anomaly_against, decide, family_cap
@@ -36,6 +37,9 @@ VARIANT_SUCCESS = 0.5
 """A variant of a synthesized trigger joins the probes when it still sends this fraction to the target."""
 MAX_VARIANTS = {"patch": 2, "blend": 1, "signal": 1, "warp": 1, "filter": 1}
 """Variants of a flagged trigger kept as extra probes, per family (every family of detect.families)."""
+MAX_RELOCATIONS = 4
+"""A flagged patch that also works elsewhere in the image (a sticker backdoor, at random positions) joins the probes
+at up to this many other positions, so that the refit removes it wherever it is, not where the search found it."""
 RESEARCH_SHARE = 0.3
 """The query budget of each search of a repaired model, as a share of the first search's."""
 POLISH_STEPS = 40
@@ -262,6 +266,8 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
     n_flagged = len(probes)
     for cand in list(probes):
         more = _best_variants(synth, cand, untargeted=id(cand) in spread)
+        if cand.family == "patch" and id(cand) not in spread:
+            more += _relocated(synth, cand)
         spread |= {id(v) for v in more} if id(cand) in spread else set()
         probes += more
     rounds_log, best, clip_entry = [], None, None
@@ -336,6 +342,14 @@ def _best_variants(synth, cand, count=None, untargeted=False):
     found = [v for v in synth.measure(variants(cand, (synth.h, synth.w))) if effect(v) >= VARIANT_SUCCESS]
     count = MAX_VARIANTS[cand.family] if count is None else count
     return sorted(found, key=lambda v: (-round(effect(v), 2), v.size))[:count]
+
+
+def _relocated(synth, cand):
+    """``cand`` (a patch) at other positions across the image where it still works on the original model (at least
+    VARIANT_SUCCESS), the best MAX_RELOCATIONS: none for a backdoor tied to one position."""
+    found = [v for v in synth.measure(FAMILIES["patch"].relocations(cand, (synth.h, synth.w)))
+             if v.success >= VARIANT_SUCCESS]
+    return sorted(found, key=lambda v: -v.success)[:MAX_RELOCATIONS]
 
 
 def save_triggers(result, flagged, folder):

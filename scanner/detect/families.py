@@ -206,6 +206,15 @@ class Patch:
                         out.append(s)
         return out
 
+    def relocations(self, c, shape, grid=3):
+        """The same patch at a ``grid`` x ``grid`` lattice of positions across the image, its own box left out (new,
+        unmeasured Candidates): a sticker backdoor answers wherever the patch is, a fixed-position one does not."""
+        y, x, ph, pw = c.box
+        ys = np.linspace(0, shape[0] - ph, grid).round().astype(int)
+        xs = np.linspace(0, shape[1] - pw, grid).round().astype(int)
+        return [c.copy(box=(int(yy), int(xx), ph, pw)) for yy in ys for xx in xs
+                if abs(int(yy) - y) > ph or abs(int(xx) - x) > pw]
+
     def fallbacks(self, c, shape, most):
         """What a patch that falls short on held-out images may give way to, smallest first (at most ``most``):
         itself shifted by one pixel, then the larger working states its refinement shrank through."""
