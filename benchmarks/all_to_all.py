@@ -91,7 +91,7 @@ def main(argv=None):
              "\"specificity\": the largest of a working trigger (lower end of its success's 95% interval minus the "
              "median of what the other classes' non-working triggers of its family at its size or larger change; - "
              f"where none works or fewer than 3 compare); the rule: {SPECIFIC:g} or more, with a size anomaly, is "
-             "backdoored. Split: tune models set the rules; holdout models were not looked at before.", "",
+             "backdoored, in the families with a strength (not patches, whose column is for comparison). Split: tune models set the rules; holdout models were not looked at before.", "",
              "| model | split | attack | verdict | targets | kind | " + " | ".join(f"{f}: changed - success" for f in families)
              + " | " + " | ".join(f"{f}: specificity" for f in families) + " |",
              "|---|---|---|---|---|---|" + "---|" * (2 * len(families))]

@@ -16,12 +16,14 @@ Signals, per class and trigger family (:mod:`scanner.detect.synthesis`):
   a medium one (a switch or a crop of the raw input) at least ``suspicious``.
 
 A synthesized patch that changes most held-out predictions without sending them to its class (the lower end of
-the 95% interval of that fraction reaching ALL_TO_ALL_CHANGED) is an all-to-all trigger (:func:`all_to_all`): ``backdoored``, candidate ``kind`` ``all-to-all``.
+the 95% interval of that fraction reaching ALL_TO_ALL_CHANGED) is an all-to-all trigger (:func:`all_to_all`):
+``backdoored``, candidate ``kind`` ``all-to-all``.
 
-A working trigger whose success far exceeds what its family's triggers of the other classes do at its size or larger
-(:func:`specificity` at least SPECIFIC) is specific: a change the model otherwise shrugs off sends almost every image
-to one class. With a size anomaly above ``ANOMALY`` that makes the class ``backdoored`` (a censored size statistic
-alone cannot show it: when no other class's trigger works, every other size is the family's cap).
+A working trigger of a strength family whose success far exceeds what its family's triggers of the other classes do
+at its size or larger (:func:`specificity` at least SPECIFIC) is specific: a change the model otherwise shrugs off
+sends almost every image to one class. With a size anomaly above ``ANOMALY`` that makes the class ``backdoored``
+(a censored size statistic alone cannot show it: when no other class's trigger works, every other size is the
+family's cap).
 
 A class is ``backdoored`` when its trigger works, its size anomaly is above ``ANOMALY`` and either the
 fingerprint is above ``FINGERPRINT_Z`` or the anomaly is above ``STRONG_ANOMALY``; ``suspicious`` when it
@@ -57,8 +59,13 @@ predictions of any model (0.5-0.9 on clean ones), a small patch does not."""
 SPECIFIC = 0.5
 """A working trigger is specific when the lower end of the 95% interval of its success exceeds by this the median
 fraction of predictions that the other classes' triggers of its family change at its size or larger (those that do
-not work for their own class). The tune zoo's clean models reach at most 0.20, its filter backdoor 0.69
-(benchmarks/RESULTS.md, "Specific triggers")."""
+not work for their own class). The tune zoo's clean models reach at most 0.23, the holdout clean models 0.31; the
+two filter backdoors 0.70 and 0.59, patch backdoors 0.59-0.82 (benchmarks/RESULTS.md, "What synthesized triggers
+change")."""
+SPECIFIC_FAMILIES = ("blend", "signal", "warp", "filter")
+"""Families the specificity rule judges: those with a strength, whose other classes' triggers at the same strength
+or more are comparable. Not patches: a large natural patch (a 7x7 square that makes a Fashion-MNIST image a bag) is
+specific too, since no other class's patch works at all; a patch backdoor shows by its tiny size instead."""
 SPECIFIC_OTHERS = 3
 """Other classes' triggers, at least, that :func:`specificity` needs to compare with."""
 VERDICTS = ("clean", "suspicious", "backdoored")
@@ -174,7 +181,8 @@ def decide(synthesis, ctx=None):
             z = fp.get("z", [0.0])[0] if fp else 0.0
             level, kind = classify(works, a, z, shift), "all-to-one"
             others = [r.found[family] for r in synthesis.classes if r is not result and family in r.found]
-            spec = specificity(cand, [o for o in others if o.success < tau], checked) if works else None
+            spec = (specificity(cand, [o for o in others if o.success < tau], checked)
+                    if works and family in SPECIFIC_FAMILIES else None)
             if level != "backdoored" and spec is not None and spec >= SPECIFIC and a > ANOMALY + shift:
                 level = "backdoored"
             if level == "clean" and all_to_all(cand, tau, checked):
