@@ -29,7 +29,7 @@ from results import publish  # noqa: E402
 from scanner.context import ModelContext  # noqa: E402
 from scanner.data.images import ImageSet, cached, holdout_split  # noqa: E402
 from scanner.detect.synthesis import Config, Synthesizer, queries_for, search_runner  # noqa: E402
-from scanner.detect.verdict import ALL_TO_ALL_CHANGED, SPECIFIC, decide, specificity  # noqa: E402
+from scanner.detect.verdict import ALL_TO_ALL_CHANGED, SPECIFIC, decide, specificities  # noqa: E402
 
 BEGIN, END = "<!-- all-to-all: begin -->", "<!-- all-to-all: end -->"
 
@@ -55,13 +55,9 @@ def measure(path, data):
     cands = synth.measure([c for r in result.classes for c in r.found.values()])
     weak = [c for c in cands if c.success < 0.5]
     per = {f: max([c.changed - c.success for c in weak if c.family == f] or [0.0]) for f in result.families}
-    tau, checked = cfg.success, int(result.plan["val_images"])
     spec = {}
     for f in result.families:
-        found = [r.found[f] for r in result.classes if f in r.found]
-        values = [specificity(c, [o for o in found if o is not c and o.success < tau], checked)
-                  for c in found if c.success >= tau]
-        values = [v for v in values if v is not None]
+        values = [v for v in specificities(result, f) if v is not None]
         spec[f] = max(values) if values else None
     return verdict, per, spec
 

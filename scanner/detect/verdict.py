@@ -123,6 +123,16 @@ def specificity(cand, others, images):
     return wilson_low(cand.success, images) - float(np.median(rivals))
 
 
+def specificities(synthesis, family):
+    """Per searched class (in ``synthesis.classes`` order), the :func:`specificity` of its working ``family``
+    trigger against the other classes' that do not work; None where it has none that works, or too few compare."""
+    tau = synthesis.config.success
+    checked = int((synthesis.plan or {}).get("val_images") or 0)
+    found = [r.found.get(family) for r in synthesis.classes]
+    return [specificity(c, [o for o in found if o is not None and o is not c and o.success < tau], checked)
+            if c is not None and c.success >= tau else None for c in found]
+
+
 def anomaly_index(values):
     """Small-side anomaly index of each value: (median - x) / max(1.4826 * MAD, SPREAD_FLOOR)."""
     v = np.asarray(values, np.float64)
@@ -172,6 +182,7 @@ def decide(synthesis, ctx=None):
     classes = (synthesis.screening or {}).get("classes") or len(synthesis.classes)
     shift = class_shift(classes)
     checked = int((synthesis.plan or {}).get("val_images") or 0)  # the held-out images each trigger was checked on
+    specific = {f: specificities(synthesis, f) for f in SPECIFIC_FAMILIES}
     candidates = []
     for i, result in enumerate(synthesis.classes):
         for family, cand in result.found.items():
@@ -180,9 +191,7 @@ def decide(synthesis, ctx=None):
             fp = result.fingerprint.get(family, {})
             z = fp.get("z", [0.0])[0] if fp else 0.0
             level, kind = classify(works, a, z, shift), "all-to-one"
-            others = [r.found[family] for r in synthesis.classes if r is not result and family in r.found]
-            spec = (specificity(cand, [o for o in others if o.success < tau], checked)
-                    if works and family in SPECIFIC_FAMILIES else None)
+            spec = specific[family][i] if family in specific else None
             if level != "backdoored" and spec is not None and spec >= SPECIFIC and a > ANOMALY + shift:
                 level = "backdoored"
             if level == "clean" and all_to_all(cand, tau, checked):
