@@ -72,8 +72,12 @@ def rows_of(entry, workdir):
             else:
                 acc1, (asr1,) = rgb_measure(out, entry, [(trig, t)], x, y)
                 removal = report.get("removal") or {}
+                feature = (report.get("rule") or {}).get("feature_refit") or {}
                 row.update(outcome=report["outcome"], agreement=removal.get("agreement"), acc1=acc1, asr1=asr1,
-                           chosen=(report.get("clip") or {}).get("chosen"))
+                           chosen=(report.get("clip") or {}).get("chosen"),
+                           clip_used=(report.get("clip") or {}).get("used", True),
+                           repair="feature" if feature.get("chosen") else "head",
+                           feature_tried=bool(feature.get("tried")))
             print(f"{tag}: {row.get('outcome')} ASR {pct(asr0)} -> {pct(row.get('asr1'))}, acc {pct(acc0)} -> "
                   f"{pct(row.get('acc1'))}, {seconds:.1f}s", file=sys.stderr)
             rows.append(row)
@@ -87,7 +91,7 @@ def meets(r):
 
 
 def section(rows, argv, total):
-    head = ("| model | attack | trigger (kind) | target | clipping | outcome (scanner's check) | held-out agreement | "
+    head = ("| model | attack | trigger (kind) | target | clipping | refit | outcome (scanner's check) | held-out agreement | "
             "clean acc before | clean acc after | ASR before | ASR after | seconds | meets the goal |")
     lines = [BEGIN, "## The repair with the real trigger known: `scanner sanitize --probe` on the RGB zoo (issue 14)", "",
              f"Measured {datetime.date.today()} on {machine()}, onnxruntime CPU; total {total:.0f} s; load average at "
@@ -98,13 +102,17 @@ def section(rows, argv, total):
              "The detection is left out: the real trigger is given, so this measures what the repair can remove. Clean "
              "accuracy and ASR are on the committed test sample (models/metrics.py). Goal (issue 14): ASR after <= 2% for a "
              "patch, <= 10% for every other kind, clean accuracy down by at most 2 points. \"clipping\": the percentile of "
-             "clean peaks the clipping chose (no: --no-clip; none: no bound kept the agreement). All-to-all rows give no "
+             "clean peaks the clipping chose (no: --no-clip; none: no bound kept the agreement; \"unused\": the feature refit of the "
+             "unclipped model did better). \"refit\": the repair the scanner kept, the head refit or the feature refit "
+             "(scanner/repair/feature.py; \"head (feature tried)\": it was tried and did worse, cross-validated). All-to-all rows give no "
              "--target: the scanner repairs toward the probe's dominant class, and the ASR is the all-to-all one.", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         clip = "no" if not r["clip"] else ("none" if r.get("chosen") is None else f"{r['chosen']:g}th")
+        clip += "" if r.get("clip_used", True) or clip in ("no", "none") else " (unused)"
+        refit = r.get("repair", "-") + (" (feature tried)" if r.get("repair") == "head" and r.get("feature_tried") else "")
         agree = pct(r.get("agreement")) if r.get("agreement") is not None else "-"
-        lines.append(f"| {r['name']} | {r['attack']} | {r['trigger']} ({r['kind']}) | {r['target']} | {clip} | "
+        lines.append(f"| {r['name']} | {r['attack']} | {r['trigger']} ({r['kind']}) | {r['target']} | {clip} | {refit} | "
                      f"{r['outcome']} | {agree} | {pct(r['acc0'])} | {pct(r.get('acc1'))} | {pct(r['asr0'])} | "
                      f"{pct(r.get('asr1'))} | {r['seconds']:.1f} | {'yes' if meets(r) else 'NO'} |")
     for clip in (True, False):

@@ -290,11 +290,15 @@ def prune_cmd(model, data, probe, model_out, count, ratio, max_drop, layers, tar
 @click.option("--clip/--no-clip", default=True, show_default=True,
               help="Bound every layer's channels by their clean per-image peaks before the head refit (Min / Max nodes "
                    "in the written model; with --probe, for --method refit|both).")
+@click.option("--feature-refit/--no-feature-refit", "deeper", default=True, show_default=True,
+              help="Where the head refit leaves a trigger working, also try correcting the last feature layer's weights "
+                   "and keep whichever does better, cross-validated (--method refit).")
 @prune_options
 @data_options
 @model_output_options
 @command
-def sanitize_cmd(model, data, probes, model_out, method, max_drop, min_agreement, queries, budget, seed, triggers_dir, clip, layers, target,
+def sanitize_cmd(model, data, probes, model_out, method, max_drop, min_agreement, queries, budget, seed, triggers_dir, clip, deeper,
+                 layers, target,
                  preprocess, scores, device, batch_size, threads, limit, min_images, fmt, report_out, force, always):
     """Find and remove a backdoor; write a verified, sanitized model (exit 1 when one was found and removed).
 
@@ -323,7 +327,8 @@ def sanitize_cmd(model, data, probes, model_out, method, max_drop, min_agreement
         report, proto, found = sanitize_blind(ctx, data, model_out, force, always, device, threads, batch_size, limit,
                                               preprocess, Config(seed=seed, queries=queries, budget=budget or None),
                                               triggers_dir=triggers_dir,
-                                              min_images=min_images, min_agreement=min_agreement, clip=clip)
+                                              min_images=min_images, min_agreement=min_agreement, clip=clip,
+                                              deeper=deeper)
         status(verdict_table(report))
         if "repair" in report:
             status(repair_table({**report["repair"], **{k: report.get(k) for k in ("removal", "outcome", "output")}}))
@@ -331,7 +336,8 @@ def sanitize_cmd(model, data, probes, model_out, method, max_drop, min_agreement
         report, proto, found = sanitize_with_probes(ctx, data, list(probes), model_out, method, layers, max_drop, force,
                                                     always, device, threads, batch_size, limit, preprocess,
                                                     None if target is None else [target] * len(probes),
-                                                    min_images=min_images, min_agreement=min_agreement, clip=clip)
+                                                    min_images=min_images, min_agreement=min_agreement, clip=clip,
+                                                    deeper=deeper)
         status(repair_table(report))
     return _repair_outcome(report, report_out, fmt, model)
 

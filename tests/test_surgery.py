@@ -214,8 +214,25 @@ def test_set_linear_matmul_without_add_inserts_bias():
     np.testing.assert_allclose(run(edited, x)["logits"], run(model, x)["logits"] + 1, rtol=1e-5, atol=1e-6)
     with pytest.raises(ScannerError, match="expected weight"):
         set_linear(model, fc, w.T, np.ones(4))
+    grouped = graphs.grouped()
     with pytest.raises(ScannerError, match="not a Gemm"):
-        set_linear(graphs.conv_relu(), discover(graphs.conv_relu())[0], w, np.ones(4))
+        set_linear(grouped, [l for l in discover(grouped) if l.op_type == "ConvTranspose"][0], w, np.ones(4))
+
+
+def test_set_linear_conv_layer_scales_its_relu():
+    """A feature Conv (not only a head) is rewritten in its own layout: twice its weights and bias give twice
+    its ReLU's output, and the scores of a model whose head reads it through a pooling, twice the logits
+    minus the bias."""
+    model = graphs.conv_relu()
+    conv = [l for l in discover(model) if l.op_type == "Conv"][-1]
+    w, b = linear_weights(model, conv)
+    assert w.shape == (12, 8 * 3 * 3)
+    edited = set_linear(model, conv, 2 * w, 2 * b)
+    onnx.checker.check_model(edited, full_check=True)
+    x = graphs.inputs(model)
+    head = [l for l in discover(model) if l.is_head][0]
+    _, hb = linear_weights(model, head)
+    np.testing.assert_allclose(run(edited, x)["logits"], 2 * run(model, x)["logits"] - hb, rtol=1e-4, atol=1e-4)
 
 
 def test_record_sets_and_overwrites():

@@ -94,8 +94,8 @@ def test_backdoor_flagged_and_removed(run_cli, tmp_path, name):
 def test_repair_rounds_take_triggers_of_every_family(run_cli, tmp_path):
     """The RGB sticker backdoor (random-position 3x3 patch, target 5): after the first refit a warp trigger still
     works, and it joins the probes with its variants (this crashed while only patch and blend had variants). The
-    refit leaves it at 42%: found, NOT removed, nothing written; exit 4. Without the activation clipping: with it,
-    no trigger works after the first refit at this budget (the model is removed)."""
+    refit leaves it at 42%: found, NOT removed, nothing written; exit 4. Without the activation clipping and the
+    feature refit: with either, no trigger works after the first refit at this budget (the model is removed)."""
     from scanner.commands.sanitize import MAX_VARIANTS
     from scanner.detect.families import FAMILIES
 
@@ -103,7 +103,7 @@ def test_repair_rounds_take_triggers_of_every_family(run_cli, tmp_path):
     rgb = Path(__file__).resolve().parents[1] / "models" / "rgb"
     out = tmp_path / "s.onnx"
     rc, stdout, err = run_cli("sanitize", rgb / "rgb10_vgg_sticker.onnx", "--data", rgb / "data" / "rgb10_clean.npz",
-                              "--queries", "40000", "--budget", "0", "--threads", "2", "--no-clip", "-o", out,
+                              "--queries", "40000", "--budget", "0", "--threads", "2", "--no-clip", "--no-feature-refit", "-o", out,
                               "--format", "json")
     assert rc == 4, err
     report = json.loads(stdout)

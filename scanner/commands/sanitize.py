@@ -25,7 +25,8 @@ from scanner.graph import surgery
 from scanner.fileio import check_output
 from scanner.repair.clip import clip as clip_model
 from scanner.repair.prune import DEFAULT_MAX_DROP, PROBE_EFFECT, Repair
-from scanner.repair.refit import refit
+from scanner.repair.feature import feature_refit
+from scanner.repair.refit import cost, refit
 from scanner.repair.verify import MIN_AGREEMENT, NO_EFFECT, apply_plan, verify
 
 log = logging.getLogger("scanner")
@@ -98,7 +99,7 @@ def _refused(report, reason, found=True):
 def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD, layers="last", max_drop=DEFAULT_MAX_DROP,
                          force=False, always=False, device="auto", threads=None, batch_size=64, limit=None,
                          preprocess=None, targets=None, ridge=None, rep=None, min_images=1, check=True,
-                         min_agreement=MIN_AGREEMENT, clip=True):
+                         min_agreement=MIN_AGREEMENT, clip=True, deeper=True, unclipped=None):
     """``scanner sanitize --probe``: repair with known probes. Returns (report, repaired proto or None, found).
 
     ``model`` is a path or a ModelContext; ``rep`` an already measured :class:`Repair` (then ``model``, ``data``
@@ -106,7 +107,10 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
     the model written (and returned) only when the probes are dead on it (or with ``always``); the report's
     ``outcome`` says which. ``check=False`` only builds and verifies the repaired model (a step of the blind
     repair) and always returns it. ``clip`` (with a refit): bound every layer by its clean peaks first
-    (:mod:`scanner.repair.clip`, tried with the trigger probes), then refit to the unclipped model's scores."""
+    (:mod:`scanner.repair.clip`, tried with the trigger probes), then refit to the unclipped model's scores.
+    ``deeper`` (with ``--method refit``): where the head refit leaves a probe working or cannot keep the agreement,
+    try the feature refit (:mod:`scanner.repair.feature`) of the model before any clipping (``unclipped``: its
+    Repair, when the caller clipped ``rep``'s model) and keep whichever does better, cross-validated."""
     if method not in METHODS + ("none",):
         raise ScannerError(f"--method must be one of {', '.join(METHODS)}")
     if output is not None:
@@ -119,7 +123,7 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
             targets = probe_targets(ctx, data, probes, limit, min_images)
         rep = Repair(work, data, probes, layers, batch_size, limit, targets, min_images=min_images)
     moved = rep.found  # judged on the model as it is repaired, before any clipping
-    clip_entry = None
+    clip_entry, plain = None, unclipped if unclipped is not None else rep
     if (clip and method in ("refit", "both") and rep.head is not None and moved
             and any(rep.paired(i) for i in range(len(rep.probes)))):
         rep, clip_entry = _clipped_repair(rep, layers, batch_size)
@@ -141,13 +145,23 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
     if method in ("prune", "both"):
         k, levels = rep.choose_count(max_drop=max_drop)
         plan = rep.plan(k)
+    base, feature = None, None
     if method in ("refit", "both"):
         weight, bias, after, fit = refit(rep, plan, ridge)
+        if method == "refit" and deeper and _wants_deeper(after):
+            # on the model before any clipping: the clipping's Min / Max would stop the correction's path
+            base, feature, after, weight, bias = _feature_refit(plain, after, weight, bias)
+            if feature["chosen"]:
+                fit = None  # the head refit's settings only where it is the repair
+                if plain is not rep and clip_entry is not None:
+                    clip_entry = {**clip_entry, "used": False}
+                rep = plain
     else:
         after = rep.evaluate_plan(plan) if plan else rep.base
-    rule = {"method": method, "layers": layers, "max_accuracy_drop": max_drop, "refit": fit, "graph_cut": cut}
+    rule = {"method": method, "layers": layers, "max_accuracy_drop": max_drop, "refit": fit, "graph_cut": cut,
+            "feature_refit": feature}
     if clip_entry is not None:
-        rule["clip"] = clip_entry["chosen"]
+        rule["clip"] = clip_entry["chosen"] if clip_entry.get("used", True) else None
     report = repair_report("sanitize", rep, plan, rep.base, after, levels, rule)
     report["fallbacks"] = fallbacks
     report["clip"] = clip_entry
@@ -156,8 +170,8 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
     if refusal:
         _refused(report, refusal)
         return report, None, found
-    proto = apply_plan(rep, plan, weight, bias, rule)
-    checks = verify(rep, proto, plan, exact=not plan and weight is None and not cut)
+    proto = apply_plan(rep, plan, weight, bias, rule, base=base)
+    checks = verify(rep, proto, plan, exact=not plan and weight is None and base is None and not cut)
     report["verification"] = checks
     report["verified"] = checks["passed"]
     if check:
@@ -171,6 +185,28 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
                  100 * max(rep.base.probe_success), 100 * PROBE_EFFECT,
                  "writing the model anyway (--always)" if always and check else "no model written (use --always)")
     return report, proto, found
+
+
+def _wants_deeper(level):
+    """Whether the head refit's cross-validated ``level`` leaves work for the feature refit: a probe with an effect
+    left, or agreement under the refit's target."""
+    return cost(level)[0] == 1 or max(level.probe_success or [0.0]) > NO_EFFECT
+
+
+def _feature_refit(rep, head_level, weight, bias):
+    """(base proto or None, report entry, level, head weight, head bias): the feature refit's model when it does
+    better than the head refit (:func:`scanner.repair.refit.cost`, both cross-validated), else the head refit's."""
+    try:
+        proto, level, fit = feature_refit(rep)
+    except ScannerError as exc:
+        log.warning("feature refit not tried: %s", exc)
+        return None, {"chosen": False, "reason": str(exc)}, head_level, weight, bias
+    better = cost(level) < cost(head_level)
+    log.info("feature refit (%s): agreement %.2f%%, worst probe %.2f%%, against the head refit's %.2f%%, %.2f%%: %s",
+             fit["layer"], 100 * level.agreement, 100 * max(level.probe_success), 100 * head_level.agreement,
+             100 * max(head_level.probe_success), "kept" if better else "not kept")
+    entry = {**fit, "chosen": better, "cross_validated": level.to_dict()}
+    return (proto, entry, level, None, None) if better else (None, entry, head_level, weight, bias)
 
 
 def _clipped_repair(rep, layers, batch_size):
@@ -203,7 +239,7 @@ def _still_backdoored(verdict, cand, tau, config):
 
 def sanitize_blind(model, data, output=None, force=False, always=False, device="auto", threads=None, batch_size=64,
                    limit=None, preprocess=None, config=None, rounds=3, triggers_dir=None, min_images=1,
-                   min_agreement=MIN_AGREEMENT, clip=True):
+                   min_agreement=MIN_AGREEMENT, clip=True, deeper=True):
     """``scanner sanitize`` without ``--probe``: synthesize, decide, repair with the synthesized triggers.
 
     Returns (report, proto or None, found). The repair is the head refit of :func:`sanitize_with_probes` on the
@@ -212,6 +248,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
     still stands out joins the probes, for up to ``rounds`` refits (each chooses its ridge by cross-validation,
     :func:`scanner.repair.refit.refit`). All of it is bounded by query budgets, not by the clock: the same model,
     data and seed give the same result on any machine (``config.budget`` seconds is a safety cap on each search).
+    ``deeper``: each refit may be the feature refit of the model before its clipping (see :func:`sanitize_with_probes`).
     """
     started = time.perf_counter()
     cfg = config or Config()
@@ -289,10 +326,16 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
             best = (rep_report, proto, None, rep)
             rounds_log.append({"round": r + 1, "probes": len(probes), "refit": False})
             break
-        rep_report, proto, _ = sanitize_with_probes(work, images, None, None, "refit", rep=rep, check=False, clip=False)
-        ridge = rep_report["rule"]["refit"]["ridge"]
-        log.info("refit round %d (ridge %g, probe weight %g): agreement %.2f%%, synthesized trigger success %.2f%% "
-                 "(cross-validated)", r + 1, ridge, rep_report["rule"]["refit"]["probe_weight"],
+        plain = None
+        if deeper and work is not original:  # the feature refit corrects the model before the clipping
+            plain = Repair(original, images, rep.probes, "last", batch_size, limit, rep.targets, holdout=held,
+                           sources=rep.sources, untargeted=rep.untargeted)
+        rep_report, proto, _ = sanitize_with_probes(work, images, None, None, "refit", rep=rep, check=False, clip=False,
+                                                    deeper=deeper, unclipped=plain)
+        fit = rep_report["rule"]["refit"] or rep_report["rule"]["feature_refit"]
+        ridge = fit["ridge"]
+        log.info("refit round %d (%s, ridge %g, probe weight %g): agreement %.2f%%, synthesized trigger success %.2f%% "
+                 "(cross-validated)", r + 1, "head" if rep_report["rule"]["refit"] else "feature", ridge, fit["probe_weight"],
                  100 * rep_report["after"]["agreement"], 100 * max(rep_report["after"]["probe_success"]))
         best = (rep_report, proto, ridge, rep)
         entry = {"round": r + 1, "probes": len(probes), "ridge": ridge, "agreement": rep_report["after"]["agreement"],
@@ -319,7 +362,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
                                       "verification", "verified")},
         "method": rep_report["rule"]["method"],
         "graph_cut": cut,
-        "clip": clip_entry,
+        "clip": clip_entry if not _unclipped_chosen(rep_report, work, original) else {**clip_entry, "used": False},
         "ridge": ridge,
         "rounds": rounds_log,
         "probes": [{"target": c.target, "trigger": c.describe(), "size": round(c.size, 6), "success": round(c.success, 6)}
@@ -332,6 +375,11 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
         proto = None
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report, proto, found
+
+
+def _unclipped_chosen(rep_report, work, original):
+    """Whether the blind repair's model is the feature refit of the model before its clipping."""
+    return work is not original and bool((rep_report["rule"].get("feature_refit") or {}).get("chosen"))
 
 
 def _best_variants(synth, cand, count=None, untargeted=False):

@@ -194,8 +194,8 @@ def _prune_layer(ed, layer, ks):
 def _linear_parts(ed, layer):
     """(node, bias node, bias slot): the bias lives in the Gemm's C or the Conv's B, in the Add after the
     Gemm/MatMul, or nowhere (a MatMul without Add)."""
-    if layer.op_type not in LINEAR_OPS and not (layer.op_type == "Conv" and layer.is_head):
-        raise ScannerError(f"layer {layer.id} is a {layer.op_type}, not a Gemm, MatMul or 1x1 Conv head")
+    if layer.op_type not in LINEAR_OPS + ("Conv",):
+        raise ScannerError(f"layer {layer.id} is a {layer.op_type}, not a Gemm, MatMul or Conv")
     node = ed.node(layer)
     if layer.op_type == "Conv":
         return node, node, 2
@@ -239,8 +239,8 @@ def has_bias(model, layer):
 
 
 def set_linear(model, layer, weight, bias):
-    """A copy of ``model`` whose Gemm/MatMul(+Add) or 1x1 Conv head computes ``x @ weight.T + bias``, in the layer's
-    own layout.
+    """A copy of ``model`` whose Gemm/MatMul(+Add) or Conv layer computes ``x @ weight.T + bias`` (a Conv's weight is
+    (out, in x kernel)), in the layer's own layout.
 
     A Gemm without C (a Conv without B) gets one when the bias is not zero; a MatMul without bias Add gets an Add
     (the refit avoids that: it fits such a head without a bias, see :func:`has_bias`).

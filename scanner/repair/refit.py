@@ -90,11 +90,9 @@ def refit(rep, plan, ridge=None, folds=3):
             # Remove as much as possible while keeping TARGET_AGREEMENT (a margin over the agreement the removal
             # check demands on held-out images): among the fits that keep it, the lowest probe success; when
             # none does, the highest agreement.
-            worst = max(level.probe_success) if level.probe_success else 0.0
-            cost = (0, worst, -level.agreement) if level.agreement >= TARGET_AGREEMENT else (1, -level.agreement, worst)
             log.debug("refit ridge %g, probe weight %g: %s", lam, weight, level.to_dict())
-            if best is None or cost < best[0]:
-                best = (cost, lam, weight, level)
+            if best is None or cost(level) < best[0]:
+                best = (cost(level), lam, weight, level)
     _, lam, weight, level = best
     g, r = every[0] + weight * every[1], every[2] + weight * every[3]
     theta = solve(g, r, n * (1 + weight * (len(feats) - 1)), theta0, lam, np.float64, intercept, energy)
@@ -105,6 +103,13 @@ def refit(rep, plan, ridge=None, folds=3):
     return weight_new.astype(w0.dtype), bias.astype(w0.dtype), level, {
         "ridge": lam, "probe_weight": weight, "intercept": intercept,
         "subspace": int(basis.shape[1]) if basis is not None else None}
+
+
+def cost(level):
+    """The refits' order of preference (lower is better): among levels that keep TARGET_AGREEMENT, the lowest worst
+    probe success; then the highest agreement."""
+    worst = max(level.probe_success) if level.probe_success else 0.0
+    return (0, worst, -level.agreement) if level.agreement >= TARGET_AGREEMENT else (1, -level.agreement, worst)
 
 
 def _subspace(feats, k):

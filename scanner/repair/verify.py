@@ -30,9 +30,11 @@ MIN_AGREEMENT = 0.98
 OUTCOMES = ("nothing_found", "removed", "not_removed")
 
 
-def apply_plan(rep, plan, weight=None, bias=None, rule=None):
-    """The repaired ModelProto: zeroed channels, an optional new head, and provenance metadata."""
-    proto = surgery.prune(rep.ctx.proto, plan, rep.ctx.layers) if plan else rep.ctx.proto
+def apply_plan(rep, plan, weight=None, bias=None, rule=None, base=None):
+    """The repaired ModelProto: zeroed channels, an optional new head, and provenance metadata. ``base``: the model
+    to start from instead of ``rep``'s (one the feature refit already corrected, same graph)."""
+    base = rep.ctx.proto if base is None else base
+    proto = surgery.prune(base, plan, rep.ctx.layers) if plan else base
     if weight is not None:
         proto = surgery.set_linear(proto, rep.head, weight, bias)
     record = {
@@ -40,6 +42,7 @@ def apply_plan(rep, plan, weight=None, bias=None, rule=None):
         "rule": rule or {},
         "pruned": [{"layer": lid, "channels": ch} for lid, ch in sorted(plan.items())],
         "refit": None if weight is None else {"layer": rep.head.id},
+        "feature_refit": None if not (rule or {}).get("feature_refit") else {"layer": rule["feature_refit"]["layer"]},
         "probes": [p.describe() for p in rep.probes],
         "targets": rep.targets,
         "source_sha256": rep.model.sha256,

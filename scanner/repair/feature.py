@@ -1,0 +1,255 @@
+"""The feature refit: one layer deeper than the head, so that the probes' features look like clean ones.
+
+Where the head refit cannot stop a trigger (a filter, a signal, a natural blend spread over every feature the head
+reads), the repair corrects the last feature layer before the head (a group-1 Conv, or a Gemm / MatMul on tokens):
+its weights get a change dW, fitted by ridge regression with forward passes only, so that where the layer's output
+enters its activation (after its bias, batch norm and residual join, the *site*) the change adds nothing on clean
+images and gives back the clean image's values on the same image with a probe's trigger. The rows are the
+layer's own receptive fields (its kernel, strides and pads over its input; every token of a MatMul), so one fit
+is one least-squares problem. The change is folded into the layer's weights and bias through the per-channel
+scale of the ops between the layer and the site: the graph keeps its operators.
+
+The probe rows' weight is chosen by k-fold cross-validation over images, each fold predicted by a model fitted
+without it (a repaired copy run through onnxruntime): the lowest probe success among the weights that keep
+TARGET_AGREEMENT with the original on clean images, else the highest agreement (the head refit's rule). The
+weights are tried lightest first, and the walk stops at the first that misses TARGET_AGREEMENT (heavier probe rows
+change more of the clean images).
+"""
+
+import logging
+
+import numpy as np
+
+from scanner.errors import ScannerError
+from scanner.graph import surgery
+from scanner.graph.layers import GraphIndex
+from scanner.repair.refit import TARGET_AGREEMENT, cost
+
+log = logging.getLogger("scanner")
+
+PROBE_WEIGHTS = (0.03, 0.1, 0.3, 1.0)
+"""Weights of the probe rows against the clean rows the cross-validation tries."""
+RIDGE = 0.01
+"""Ridge strength, relative to the mean energy of the layer's input rows."""
+MAX_INPUTS = 2048
+"""A conv whose receptive field has more inputs than this (channels x kernel) is corrected at its kernel's centre
+tap only (a 1x1 change of its weights): the gram stays (channels + 1)^2."""
+AFFINE = ("Add", "Sub", "Mul", "Div", "BatchNormalization")
+"""Ops between the layer and its site: a per-channel scale and shift (or a residual join, which adds)."""
+
+
+class Site:
+    """Where the feature refit corrects a model: the layer, the tensor it reads (``input``), the tensor where its
+    output enters the activation (``read``), and the per-channel scale from the layer's output to there."""
+
+    def __init__(self, layer, read, scale, path, geometry):
+        self.layer, self.input, self.read, self.scale, self.path = layer, layer.input, read, scale, path
+        self.geometry = geometry  # Conv: (kernel, strides, pads, centre only); None for a Gemm / MatMul
+
+    def to_dict(self):
+        d = {"layer": self.layer.id, "op_type": self.layer.op_type, "input": self.input, "site": self.read,
+             "path": list(self.path)}
+        if self.geometry is not None:
+            d["kernel"] = list(self.geometry[0])
+            d["centre_tap_only"] = self.geometry[3]
+        return d
+
+
+def site(ctx):
+    """The :class:`Site` of ``ctx``'s model, or (None, why not)."""
+    features = [l for l in ctx.layers if not l.is_head and l.op_type in ("Conv", "Gemm", "MatMul")]
+    if not features:
+        return None, "no Conv, Gemm or MatMul layer before the head"
+    layer = features[-1]
+    gi = GraphIndex(ctx.proto, infer=False)
+    node = gi.nodes[gi.by_name[layer.node]]
+    if not layer.input or gi.const(layer.input) is not None:
+        return None, f"layer {layer.id} reads no image-dependent tensor"
+    geometry = None
+    if layer.op_type == "Conv":
+        w = gi.const(node.input[1])
+        if gi.attr(node, "group", 1) != 1 or w is None or w.ndim != 4:
+            return None, f"layer {layer.id} is a grouped or non-2D conv"
+        if list(gi.attr(node, "dilations", [1, 1])) != [1, 1] or gi.attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            return None, f"layer {layer.id} is a dilated or auto-padded conv"
+        kernel = tuple(int(k) for k in w.shape[2:])
+        centre = w.shape[1] * kernel[0] * kernel[1] > MAX_INPUTS
+        geometry = (kernel, tuple(gi.attr(node, "strides", [1, 1])), tuple(gi.attr(node, "pads", [0, 0, 0, 0])), centre)
+    elif layer.op_type == "Gemm" and (gi.attr(node, "transA", 0) or gi.attr(node, "alpha", 1.0) == 0):
+        return None, f"layer {layer.id} is a transposed-input Gemm"
+    scale = np.ones(layer.channels)
+    cur, path = node.output[0], []
+    while True:
+        cons = gi.consumers.get(cur, [])
+        if len(cons) != 1 or cur in gi.outputs:
+            break
+        nxt, slot = gi.nodes[cons[0][0]], cons[0][1]
+        factor = _affine(gi, nxt, slot, layer.channels)
+        if factor is None:
+            break
+        scale, cur = scale * factor, nxt.output[0]
+        path.append(nxt.op_type)
+    return Site(layer, cur, scale, path, geometry), None
+
+
+def _affine(gi, node, slot, channels):
+    """The per-channel factor an elementwise ``node`` applies to its input ``slot`` (1 for an added tensor, a
+    residual included), or None when it is not such an op."""
+    if node.op_type not in AFFINE or len([o for o in node.output if o]) != 1 or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "BatchNormalization":
+        if slot != 0 or any(gi.const(n) is None for n in node.input[1:5]):
+            return None
+        gamma, var = gi.const(node.input[1]), gi.const(node.input[4])
+        return _per_channel(gamma / np.sqrt(var.astype(np.float64) + gi.attr(node, "epsilon", 1e-5)), channels)
+    other = gi.const(node.input[1 - slot]) if len(node.input) == 2 else None
+    if node.op_type == "Add":
+        return np.ones(channels) if len(node.input) == 2 else None
+    if node.op_type == "Sub":
+        return np.full(channels, 1.0 if slot == 0 else -1.0) if len(node.input) == 2 else None
+    if other is None or (node.op_type == "Div" and slot != 0):
+        return None
+    factor = _per_channel(np.asarray(other, np.float64), channels)
+    if factor is None:
+        return None
+    return factor if node.op_type == "Mul" else 1.0 / factor
+
+
+def _per_channel(value, channels):
+    v = np.asarray(value, np.float64)
+    if v.size == 1:
+        return np.full(channels, float(v.reshape(-1)[0]))
+    return v.reshape(-1) if v.size == channels else None
+
+
+def rows(site, x):
+    """The layer's receptive fields over its input ``x`` (one row per output position) as (rows, inputs)."""
+    if site.geometry is None:
+        return x.reshape(-1, x.shape[-1]).astype(np.float64)
+    (kh, kw), (sh, sw), pads, centre = site.geometry
+    n, c, h, w = x.shape
+    ho, wo = (h + pads[0] + pads[2] - kh) // sh + 1, (w + pads[1] + pads[3] - kw) // sw + 1
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    taps = [(kh // 2, kw // 2)] if centre else [(i, j) for i in range(kh) for j in range(kw)]
+    out = np.empty((n, ho, wo, c, len(taps)), np.float64)
+    for t, (i, j) in enumerate(taps):
+        out[..., t] = xp[:, :, i : i + sh * ho : sh, j : j + sw * wo : sw].transpose(0, 2, 3, 1)
+    return out.reshape(n * ho * wo, -1)
+
+
+def outputs(site, a):
+    """The site's values ``a`` as (rows, channels), in the order of :func:`rows`."""
+    if site.geometry is None:
+        return a.reshape(-1, a.shape[-1]).astype(np.float64)
+    return a.transpose(0, 2, 3, 1).reshape(-1, a.shape[1]).astype(np.float64)
+
+
+def feature_refit(rep, folds=3, weights=PROBE_WEIGHTS):
+    """Fit and fold the feature correction of ``rep``'s model from its clean images and paired trigger probes.
+
+    Returns (proto, cross-validated :class:`scanner.repair.prune.Level`, fit entry with every weight tried); raises
+    ScannerError when the model has no site (:func:`site`) or no paired trigger probe."""
+    where, why = site(rep.ctx)
+    if where is None:
+        raise ScannerError(f"no layer for the feature refit: {why}")
+    pairs = [i for i, p in enumerate(rep.probes) if p.trigger is not None and rep.paired(i)]
+    if not pairs:
+        raise ScannerError("the feature refit needs trigger probes paired with the clean images")
+    intercept = surgery.has_bias(rep.ctx.proto, where.layer)  # a MatMul without bias Add gets no bias either
+    pixels = rep.clean_set.load_all(rep.pre).pixels
+    n, k = len(pixels), max(2, folds)
+    fold = np.arange(n) % k
+    grams = _grams(rep, where, pixels, pairs, fold, k, 1.0 if intercept else 0.0)
+    total = [sum(g[j] for g in grams) for j in range(4)]
+    best, tried = None, []
+    for weight in weights:
+        clean_preds = np.zeros(n, np.int64)
+        probe_preds = [m.preds.copy() for m in rep.probed]
+        for f in range(k):
+            theta = _solve([t - g for t, g in zip(total, grams[f])], weight, intercept)
+            held = fold == f
+            runner = rep.ctx.derived(fold_into(rep.ctx.proto, where, theta)).runner(batch_size=rep.batch_size)
+            clean_preds[held] = runner.run(pixels[held], norms=False, features=False).preds
+            for i in pairs:
+                stamped = rep.probes[i].trigger.apply(pixels[held], color=rep.pre.color)
+                probe_preds[i][held] = runner.run(stamped, norms=False, features=False).preds
+            for i, p in enumerate(rep.probes):  # probe folders take no part in the fit: any fold's model judges them
+                if i not in pairs and f == 0 and p.images is not None:
+                    probe_preds[i] = runner.predict(p.images, label="feature refit")[0]
+        level = rep.level(0, clean_preds, probe_preds)
+        log.info("feature refit at %s, probe weight %g: agreement %.2f%%, probe success %s (cross-validated)",
+                 where.layer.id, weight, 100 * level.agreement, ", ".join(f"{100 * s:.1f}%" for s in level.probe_success))
+        tried.append({"probe_weight": weight, **level.to_dict()})
+        if best is None or cost(level) < best[0]:
+            best = (cost(level), weight, level)
+        if level.agreement < TARGET_AGREEMENT:  # heavier probe rows only lose more agreement: no better fit there
+            break
+    _, weight, level = best
+    proto = fold_into(rep.ctx.proto, where, _solve(total, weight, intercept))
+    return proto, level, {**where.to_dict(), "probe_weight": weight, "ridge": RIDGE, "folds": k, "intercept": intercept,
+                          "inputs": int(total[0].shape[0] - 1), "rows": int(total[3]), "tried": tried}
+
+
+def _grams(rep, where, pixels, pairs, fold, k, ones):
+    """Per fold of images: [clean gram, probe gram, probe right-hand side, clean rows] of the least squares."""
+    runner = rep.ctx.runner(features=(where.input, where.read), batch_size=rep.batch_size)
+    grams = None
+    for s in range(0, len(pixels), rep.batch_size):
+        chunk = pixels[s : s + rep.batch_size]
+        clean = runner.run(chunk, norms=False, flatten=False).features
+        zc = _with_ones(rows(where, clean[where.input]), ones)
+        ac = outputs(where, clean[where.read])
+        which = np.repeat(fold[s : s + len(chunk)], len(zc) // len(chunk))
+        if grams is None:
+            d = zc.shape[1]
+            grams = [[np.zeros((d, d)), np.zeros((d, d)), np.zeros((d, ac.shape[1])), 0] for _ in range(k)]
+        for f, g in enumerate(grams):
+            zf = zc[which == f]
+            g[0] += zf.T @ zf
+            g[3] += len(zf)
+        for i in pairs:
+            probed = runner.run(rep.probes[i].trigger.apply(chunk, color=rep.pre.color, start=s), norms=False,
+                                flatten=False).features
+            zt = _with_ones(rows(where, probed[where.input]), ones)
+            delta = ac - outputs(where, probed[where.read])
+            for f, g in enumerate(grams):
+                m = which == f
+                g[1] += zt[m].T @ zt[m]
+                g[2] += zt[m].T @ delta[m]
+    return grams
+
+
+def _with_ones(z, ones=1.0):
+    return np.hstack([z, np.full((len(z), 1), ones)])
+
+
+def _solve(parts, weight, intercept=True):
+    """theta (inputs + 1, channels) minimising |Z_c theta|^2 + weight |Z_t theta - (A_c - A_t)|^2 + ridge |dW|^2,
+    each term over the clean rows' count; the last row is the bias change (0 without ``intercept``)."""
+    gc, gt, rt, count = parts
+    g = (gc + weight * gt) / count
+    reg = np.eye(len(g)) * RIDGE * (float(np.mean(np.diag(gc)[:-1])) / count or 1.0)
+    reg[-1, -1] = 0.0 if intercept else 1.0
+    return np.linalg.solve(g + reg, weight * rt / count)
+
+
+def fold_into(proto, where, theta):
+    """A copy of ``proto`` whose layer at ``where`` computes its output plus the fitted change ``theta`` (in site
+    units, divided by the path's per-channel scale; channels the path zeroes get no change)."""
+    scale = where.scale
+    ok = np.abs(scale) > 1e-8 * max(float(np.abs(scale).max()), 1e-30)
+    step = np.where(ok, 1.0 / np.where(ok, scale, 1.0), 0.0)
+    dw, db = theta[:-1] * step, theta[-1] * step  # (inputs, channels), (channels,)
+    weight, bias = surgery.linear_weights(proto, where.layer)
+    weight = weight.astype(np.float64)
+    if where.geometry is not None:
+        (kh, kw), _, _, centre = where.geometry
+        full = weight.reshape(weight.shape[0], -1, kh, kw)
+        if centre:
+            full[:, :, kh // 2, kw // 2] += dw.T
+        else:
+            full += dw.T.reshape(full.shape)
+        weight = full.reshape(weight.shape[0], -1)
+    else:
+        weight = weight + dw.T
+    return surgery.set_linear(proto, where.layer, weight, bias.astype(np.float64) + db)
