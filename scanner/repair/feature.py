@@ -125,13 +125,13 @@ def _per_channel(value, channels):
 def rows(site, x):
     """The layer's receptive fields over its input ``x`` (one row per output position) as (rows, inputs)."""
     if site.geometry is None:
-        return x.reshape(-1, x.shape[-1]).astype(np.float64)
+        return x.reshape(-1, x.shape[-1]).astype(np.float32)
     (kh, kw), (sh, sw), pads, centre = site.geometry
     n, c, h, w = x.shape
     ho, wo = (h + pads[0] + pads[2] - kh) // sh + 1, (w + pads[1] + pads[3] - kw) // sw + 1
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     taps = [(kh // 2, kw // 2)] if centre else [(i, j) for i in range(kh) for j in range(kw)]
-    out = np.empty((n, ho, wo, c, len(taps)), np.float64)
+    out = np.empty((n, ho, wo, c, len(taps)), np.float32)
     for t, (i, j) in enumerate(taps):
         out[..., t] = xp[:, :, i : i + sh * ho : sh, j : j + sw * wo : sw].transpose(0, 2, 3, 1)
     return out.reshape(n * ho * wo, -1)
@@ -140,8 +140,8 @@ def rows(site, x):
 def outputs(site, a):
     """The site's values ``a`` as (rows, channels), in the order of :func:`rows`."""
     if site.geometry is None:
-        return a.reshape(-1, a.shape[-1]).astype(np.float64)
-    return a.transpose(0, 2, 3, 1).reshape(-1, a.shape[1]).astype(np.float64)
+        return a.reshape(-1, a.shape[-1]).astype(np.float32)
+    return a.transpose(0, 2, 3, 1).reshape(-1, a.shape[1]).astype(np.float32)
 
 
 def feature_refit(rep, folds=3, weights=PROBE_WEIGHTS):
@@ -191,7 +191,8 @@ def feature_refit(rep, folds=3, weights=PROBE_WEIGHTS):
 
 
 def _grams(rep, where, pixels, pairs, fold, k, ones):
-    """Per fold of images: [clean gram, probe gram, probe right-hand side, clean rows] of the least squares."""
+    """Per fold of images: [clean gram, probe gram, probe right-hand side, clean rows] of the least squares (each
+    batch's products in float32, summed in float64)."""
     runner = rep.ctx.runner(features=(where.input, where.read), batch_size=rep.batch_size)
     grams = None
     for s in range(0, len(pixels), rep.batch_size):
@@ -220,7 +221,7 @@ def _grams(rep, where, pixels, pairs, fold, k, ones):
 
 
 def _with_ones(z, ones=1.0):
-    return np.hstack([z, np.full((len(z), 1), ones)])
+    return np.hstack([z, np.full((len(z), 1), ones, z.dtype)])
 
 
 def _solve(parts, weight, intercept=True):
