@@ -8,6 +8,7 @@ synthesized triggers of the suspected target(s), searching the repaired model ag
 import logging
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +110,9 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
     repair) and always returns it. ``clip`` (with a refit): bound every layer by its clean peaks first
     (:mod:`scanner.repair.clip`, tried with the trigger probes), then refit to the unclipped model's scores.
     ``deeper`` (with ``--method refit``): where the head refit leaves a probe working or cannot keep the agreement,
-    try the feature refit (:mod:`scanner.repair.feature`) of the model before any clipping (``unclipped``: its
-    Repair, when the caller clipped ``rep``'s model) and keep whichever does better, cross-validated."""
+    try the feature refit (:mod:`scanner.repair.feature`) of the model before any clipping (``unclipped``: a function
+    giving its Repair, when the caller clipped ``rep``'s model; called only then) and keep whichever does better,
+    cross-validated."""
     if method not in METHODS + ("none",):
         raise ScannerError(f"--method must be one of {', '.join(METHODS)}")
     if output is not None:
@@ -123,7 +125,7 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
             targets = probe_targets(ctx, data, probes, limit, min_images)
         rep = Repair(work, data, probes, layers, batch_size, limit, targets, min_images=min_images)
     moved = rep.found  # judged on the model as it is repaired, before any clipping
-    clip_entry, plain = None, unclipped if unclipped is not None else rep
+    clip_entry, plain = None, rep
     if (clip and method in ("refit", "both") and rep.head is not None and moved
             and any(rep.paired(i) for i in range(len(rep.probes)))):
         rep, clip_entry = _clipped_repair(rep, layers, batch_size)
@@ -150,6 +152,7 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
         weight, bias, after, fit = refit(rep, plan, ridge)
         if method == "refit" and deeper and _wants_deeper(after):
             # on the model before any clipping: the clipping's Min / Max would stop the correction's path
+            plain = unclipped() if unclipped is not None else plain
             base, feature, after, weight, bias = _feature_refit(plain, after, weight, bias)
             if feature["chosen"]:
                 fit = None  # the head refit's settings only where it is the repair
@@ -328,8 +331,8 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
             break
         plain = None
         if deeper and work is not original:  # the feature refit corrects the model before the clipping
-            plain = Repair(original, images, rep.probes, "last", batch_size, limit, rep.targets, holdout=held,
-                           sources=rep.sources, untargeted=rep.untargeted)
+            plain = partial(Repair, original, images, rep.probes, "last", batch_size, limit, rep.targets, holdout=held,
+                            sources=rep.sources, untargeted=rep.untargeted)
         rep_report, proto, _ = sanitize_with_probes(work, images, None, None, "refit", rep=rep, check=False, clip=False,
                                                     deeper=deeper, unclipped=plain)
         fit = rep_report["rule"]["refit"] or rep_report["rule"]["feature_refit"]

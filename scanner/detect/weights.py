@@ -11,7 +11,7 @@ Head signature (:func:`head_signature`): per class, how the head's row stands ou
 import numpy as np
 
 from scanner.detect.stats import robust_z
-from scanner.graph.layers import CONV_OPS, GraphIndex
+from scanner.graph.layers import CONV_OPS, GraphIndex, bn_scale
 
 CLP_U = 3.0
 
@@ -38,9 +38,7 @@ def channel_lipschitz(proto, layers):
         bn = "folded or absent"
         if "BatchNormalization" in layer.chain:
             bn_node = gi.nodes[gi.by_name[layer.chain_nodes[layer.chain.index("BatchNormalization")]]]
-            gamma, _, _, var = (np.asarray(gi.const(n), np.float64).reshape(-1) for n in bn_node.input[1:5])
-            eps = gi.attr(bn_node, "epsilon", 1e-5)
-            bound = bound * np.abs(gamma) / np.sqrt(var + eps)
+            bound = bound * np.abs(bn_scale(gi, bn_node))
             bn = "unfused BatchNormalization"
         mean, std = float(bound.mean()), float(bound.std())
         z = (bound - mean) / std if std > 0 else np.zeros_like(bound)

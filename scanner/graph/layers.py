@@ -404,6 +404,12 @@ def _chain(gi, index, channels, rank):
     return chain, cur
 
 
+def bn_scale(gi, node):
+    """The per-channel scale ``gamma / sqrt(var + eps)`` of a BatchNormalization with constant parameters."""
+    gamma, var = (np.asarray(gi.const(n), np.float64).reshape(-1) for n in (node.input[1], node.input[4]))
+    return gamma / np.sqrt(var + gi.attr(node, "epsilon", 1e-5))
+
+
 def _clip_range(gi, node):
     """(min, max) of a Clip node; None where not a constant."""
     if opset_version(gi.model) < 11:

@@ -22,7 +22,7 @@ import numpy as np
 
 from scanner.errors import ScannerError
 from scanner.graph import surgery
-from scanner.graph.layers import GraphIndex
+from scanner.graph.layers import GraphIndex, bn_scale
 from scanner.repair.refit import TARGET_AGREEMENT, cost
 
 log = logging.getLogger("scanner")
@@ -100,8 +100,7 @@ def _affine(gi, node, slot, channels):
     if node.op_type == "BatchNormalization":
         if slot != 0 or any(gi.const(n) is None for n in node.input[1:5]):
             return None
-        gamma, var = gi.const(node.input[1]), gi.const(node.input[4])
-        return _per_channel(gamma / np.sqrt(var.astype(np.float64) + gi.attr(node, "epsilon", 1e-5)), channels)
+        return _per_channel(bn_scale(gi, node), channels)
     other = gi.const(node.input[1 - slot]) if len(node.input) == 2 else None
     if node.op_type == "Add":
         return np.ones(channels) if len(node.input) == 2 else None
