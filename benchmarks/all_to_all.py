@@ -28,7 +28,7 @@ from results import publish  # noqa: E402
 
 from scanner.context import ModelContext  # noqa: E402
 from scanner.data.images import ImageSet, cached, holdout_split  # noqa: E402
-from scanner.detect.synthesis import Config, Synthesizer, queries_for, search_runner  # noqa: E402
+from scanner.detect.synthesis import Config, Synthesizer  # noqa: E402
 from scanner.detect.verdict import ALL_TO_ALL_CHANGED, SPECIFIC, decide, specificities  # noqa: E402
 
 BEGIN, END = "<!-- all-to-all: begin -->", "<!-- all-to-all: end -->"
@@ -49,7 +49,7 @@ def measure(path, data):
     ctx = ModelContext.open(path, threads=2)
     images, _, _ = holdout_split(cached(ImageSet(data), ctx.preprocess))
     cfg = Config(budget=None, seed=0)
-    synth = Synthesizer(search_runner(ctx, cfg.batch_size), images.load_all(ctx.preprocess).pixels, cfg, queries_for(ctx))
+    synth = Synthesizer.for_model(ctx, images.load_all(ctx.preprocess).pixels, cfg)
     result = synth.run()
     verdict = decide(result, ctx)
     cands = synth.measure([c for r in result.classes for c in r.found.values()])

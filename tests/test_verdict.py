@@ -117,7 +117,7 @@ def _rgb_verdict(name):
     """The verdict of the blind search on an RGB zoo model, as `scanner sanitize` runs it (its clean images less the
     held-out part, the default query budget, seed 0)."""
     from scanner.data.images import ImageSet, cached, holdout_split
-    from scanner.detect.synthesis import Config, Synthesizer, queries_for, search_runner
+    from scanner.detect.synthesis import Config, Synthesizer
     from scanner.detect.verdict import decide
 
     rgb = Path(__file__).resolve().parents[1] / "models" / "rgb"
@@ -125,7 +125,7 @@ def _rgb_verdict(name):
     data = rgb / "data" / f"{name.split('_')[0]}_clean.npz"
     images, _, _ = holdout_split(cached(ImageSet(data), ctx.preprocess))
     cfg = Config(budget=None, seed=0)
-    synth = Synthesizer(search_runner(ctx, cfg.batch_size), images.load_all(ctx.preprocess).pixels, cfg, queries_for(ctx))
+    synth = Synthesizer.for_model(ctx, images.load_all(ctx.preprocess).pixels, cfg)
     return decide(synth.run(), ctx)
 
 

@@ -19,7 +19,7 @@ from scanner.data.images import ImageSet, cached, holdout_split
 from scanner.data.probes import Probe
 from scanner.detect.families import FAMILIES
 from scanner.detect.scan import dominant_class
-from scanner.detect.synthesis import QUERIES_MIN, Config, Synthesizer, queries_for, search_runner, variants
+from scanner.detect.synthesis import QUERIES_MIN, Config, Synthesizer, queries_for, variants
 from scanner.detect.verdict import anomaly_against, decide, family_cap
 from scanner.errors import ScannerError
 from scanner.graph import surgery
@@ -264,7 +264,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
     whole = cached(images, ctx.preprocess)
     images, held, _ = holdout_split(whole)  # the held-out images only ever check the repaired model
     pixels = images.load_all(ctx.preprocess).pixels
-    synth = Synthesizer(search_runner(ctx, cfg.batch_size), pixels, cfg, queries)
+    synth = Synthesizer.for_model(ctx, pixels, cfg, queries)
     log.info("synthesizing triggers (%s; %d queries)", ", ".join(synth.families), queries)
     result = synth.run()
     verdict = decide(result, ctx)
@@ -348,8 +348,8 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
         if r + 1 >= rounds:
             break
         # Search the repaired model again (from the same triggers, and afresh): does the target still stand out?
-        again = Synthesizer(search_runner(work.derived(proto), cfg.batch_size), pixels, replace(cfg, seed=cfg.seed + r + 1),
-                            max(QUERIES_MIN, int(RESEARCH_SHARE * queries)))
+        again = Synthesizer.for_model(work.derived(proto), pixels, replace(cfg, seed=cfg.seed + r + 1),
+                                      max(QUERIES_MIN, int(RESEARCH_SHARE * queries)))
         fresh = [c for res in again.run(targets).classes for c in res.found.values()]
         new = [c for c in again.polish(probes[:n_flagged], POLISH_STEPS) + fresh
                if _still_backdoored(verdict, c, cfg.success, cfg)]

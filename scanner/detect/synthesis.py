@@ -260,6 +260,13 @@ class Synthesizer:
         self.truncated = False
         self.q0 = 0
 
+    @classmethod
+    def for_model(cls, ctx, pixels, config=None, queries=None):
+        """The search of model context ``ctx`` as the commands run it: :func:`search_runner` at the config's batch
+        size, and the model's default query budget (:func:`queries_for`) unless ``queries`` or the config sets one."""
+        cfg = config or Config()
+        return cls(search_runner(ctx, cfg.batch_size), pixels, cfg, queries if queries is not None else queries_for(ctx))
+
     # ---- measuring ------------------------------------------------------------------------------
     def _run(self, pixels):
         """(scores (N, K), fingerprint-layer l-inf (N, C) or None) of ``pixels``."""
