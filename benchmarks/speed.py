@@ -7,7 +7,7 @@ opset 17, dynamic batch) and the same folder of 224x224 PNGs, each round runs, o
 - ``last``: ``scanner scan MODEL --data DIR --layers last``;
 - ``all``: ``scanner scan MODEL --data DIR --layers all`` (l-inf, l1, l2 of every layer);
 
-each timed whole (wall seconds, from process start to exit) with its peak RSS (its own rusage). Ratios are the plain
+each timed whole (wall seconds, from process start to exit) with its peak RSS (GNU time: see results.measure). Ratios are the plain
 loop's median wall over the variant's (= throughput ratio) and the variant's median peak over the plain loop's.
 
 ``--search`` also measures forward passes per second of the trigger search and of the repair's evaluation in one
@@ -266,7 +266,7 @@ def section(results):
         f"{results['rounds']} interleaved rounds, medians: `plain` is benchmarks/plain_ort.py (OpenCV decode, "
         "ImageNet preprocessing, plain onnxruntime with its defaults); `last` / `all` are `scanner scan --layers "
         "last|all` (l-inf, l1 and l2 of the chosen layers) with its JSON report. Ratios are plain wall / scanner wall "
-        "(throughput) and scanner peak RSS / plain peak RSS (the process's rusage). Targets: all >= 0.9, last >= 0.97, memory "
+        "(throughput) and scanner peak RSS / plain peak RSS (GNU time). Targets: all >= 0.9, last >= 0.97, memory "
         "<= 1.2; search and stamped evaluation >= 0.9 of plain `session.run` at the same batch size (in one process, "
         f"interleaved, {results['search_rounds']} rounds of {results['search_seconds']:g} s each; the search is the real "
         "`Synthesizer` on a copy of the model with its random head re-centered on the images' features, cut by its "

@@ -38,6 +38,32 @@ def test_runner_instruments_the_graph_without_its_weights():
     assert out.norms["linf"].shape == (4, runner.channels) and np.all(out.norms["linf"] >= 0)
 
 
+def test_large_measured_maps_run_in_smaller_session_calls(monkeypatch):
+    """Where the measured maps of a batch would pass TAP_BYTES, the runner splits it into smaller session calls:
+    the same scores and norms, every image counted once."""
+    from scanner.runtime import runner as R
+
+    ctx = ModelContext.open(zoo_path("resnet_badnets"))
+    layers = ctx.select("all")
+    biggest = max(l.channels * int(np.prod(l.spatial)) * 4 for l in layers)
+    pixels = np.random.RandomState(2).randint(0, 256, (10, 28, 28, 1)).astype(np.uint8)
+    whole = ctx.runner(layers, norms=("linf", "l1", "l2")).run(pixels, batch_size=10)
+    monkeypatch.setattr(R, "TAP_BYTES", 3 * biggest)
+    assert R.tap_batch(layers, 10) == 3 and R.tap_batch(layers, 2) == 2 and R.tap_batch([], 10) == 10
+    runner = ctx.runner(layers, norms=("linf", "l1", "l2"))
+    calls = []
+    run = runner.session.run
+    monkeypatch.setattr(runner.session, "run", lambda x, *a, **k: calls.append(len(x)) or run(x, *a, **k))
+    split = runner.run(pixels, batch_size=10)
+    assert calls == [3, 3, 3, 1] and runner.queries == 10
+    np.testing.assert_allclose(split.scores, whole.scores, rtol=1e-5, atol=1e-6)
+    for k in ("linf", "l1", "l2"):
+        np.testing.assert_allclose(split.norms[k], whole.norms[k], rtol=1e-5, atol=1e-5)
+    calls.clear()
+    runner.run(pixels, batch_size=10, norms=False)  # no norms asked for: the batch as given
+    assert calls == [10]
+
+
 def _reshape_model():
     from onnx import TensorProto, helper, numpy_helper
 

@@ -37,12 +37,30 @@ def probabilities(scores):
     return e / e.sum(1, keepdims=True)
 
 
+TAP_BYTES = 32 << 20
+"""The most bytes one session call's images fill in the largest measured map: a batch past it runs as smaller
+session calls. The norm nodes read each map three or four times and onnxruntime keeps an NCHW copy of it beside its
+blocked one; smaller maps stay in cache between those reads and take less memory, and the convolutions lose nothing
+measurable at these sizes (benchmarks/RESULTS.md, "Scan, search and evaluation against plain onnxruntime")."""
+
+
+def tap_batch(layers, batch, budget=None):
+    """Images per session call when the norms of ``layers`` are measured: ``batch``, or fewer where the largest
+    measured float32 map of that many images would be over ``budget`` bytes (default :data:`TAP_BYTES`; at least 1;
+    maps of unknown size do not count)."""
+    budget = budget or TAP_BYTES
+    sizes = [l.channels * int(np.prod(l.spatial)) * 4 for l in layers
+             if l.spatial and all(isinstance(d, int) and d > 0 for d in l.spatial)]
+    return int(min(batch, max(1, budget // max(sizes)))) if sizes else int(batch)
+
+
 class Runner:
     """Forward passes of one model (a ModelProto) on pixel batches.
 
     ``layers`` and ``norms`` (a subset of :data:`NORMS`) add in-graph per-channel norms; ``masks`` adds a
     channel-mask input per layer (prune sweeps); ``features`` exposes tensors (their values come back
-    flattened per image). ``batch_size`` is the chunk one session call gets.
+    flattened per image). ``batch_size`` is the chunk one session call gets (fewer images where the measured
+    maps are large: :func:`tap_batch`).
     """
 
     def __init__(self, proto, pre, scores, layers=(), norms=(), masks=False, features=(), device="auto", threads=None,
@@ -97,6 +115,8 @@ class Runner:
             names += [f for f in self.features if f not in names]
         feeds = self.mask_feeds(masks)
         step = int(batch_size or self.batch_size)
+        if norms and self.norm_kinds:
+            step = tap_batch(self.layers, step)
         parts = {name: [] for name in names}
         for s in range(0, len(pixels), step):
             chunk = pixels[s : s + step]
