@@ -71,23 +71,28 @@ def main():
           f"{platform.python_version()}; python benchmarks/norm_kernels.py {' '.join(sys.argv[1:])}")
     print("| model | session | wall ms / batch | x plain wall | instrument's nodes ms | top operators (ms) |")
     print("|---|---|---|---|---|---|")
-    tmp = tempfile.mkdtemp()
-    for name in args.models.split(","):
-        path = Path(args.cache) / f"{name}.onnx"
-        ctx = ModelContext.open(str(path), "imagenet", "cpu")
-        layers = ctx.select("all")
-        x = np.random.RandomState(0).rand(args.batch, 3, 224, 224).astype(np.float32)
-        plain, ops, _ = profile(path.read_bytes(), x, None, args.runs, args.threads, f"{tmp}/plain")
-        rows = [("plain", plain, ops, 0.0)]
-        for kernels in KERNELS:
-            inst = instrument(ctx.proto, layers, norms=NORMS, kernels=kernels)
-            outs = [ctx.scores] + [inst.norm_outputs[k] for k in NORMS]
-            wall, ops, ours = profile(inst.model.SerializeToString(), x, outs, args.runs, args.threads, f"{tmp}/{kernels}")
-            rows.append((f"all, {kernels}", wall, ops, ours))
-        for session, wall, ops, ours in rows:
-            top = ", ".join(f"{k} {v:.0f}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:8])
-            print(f"| {name} ({len(layers)} layers) | {session} | {wall:.0f} | {wall / plain:.2f} | {ours:.0f} | {top} |",
-                  flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            report(name, args, tmp)
+
+
+def report(name, args, tmp):
+    """The table rows of one model: its plain session and the instrumented one in each norm formulation."""
+    path = Path(args.cache) / f"{name}.onnx"
+    ctx = ModelContext.open(str(path), "imagenet", "cpu")
+    layers = ctx.select("all")
+    x = np.random.RandomState(0).rand(args.batch, 3, 224, 224).astype(np.float32)
+    plain, ops, _ = profile(path.read_bytes(), x, None, args.runs, args.threads, f"{tmp}/plain")
+    rows = [("plain", plain, ops, 0.0)]
+    for kernels in KERNELS:
+        inst = instrument(ctx.proto, layers, norms=NORMS, kernels=kernels)
+        outs = [ctx.scores] + [inst.norm_outputs[k] for k in NORMS]
+        wall, ops, ours = profile(inst.model.SerializeToString(), x, outs, args.runs, args.threads, f"{tmp}/{kernels}")
+        rows.append((f"all, {kernels}", wall, ops, ours))
+    for session, wall, ops, ours in rows:
+        top = ", ".join(f"{k} {v:.0f}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:8])
+        print(f"| {name} ({len(layers)} layers) | {session} | {wall:.0f} | {wall / plain:.2f} | {ours:.0f} | {top} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -44,14 +44,13 @@ blocked one; smaller maps stay in cache between those reads and take less memory
 measurable at these sizes (benchmarks/RESULTS.md, "Scan, search and evaluation against plain onnxruntime")."""
 
 
-def tap_batch(layers, batch, budget=None):
+def tap_batch(layers, batch):
     """Images per session call when the norms of ``layers`` are measured: ``batch``, or fewer where the largest
-    measured float32 map of that many images would be over ``budget`` bytes (default :data:`TAP_BYTES`; at least 1;
-    maps of unknown size do not count)."""
-    budget = budget or TAP_BYTES
+    measured float32 map of that many images would be over :data:`TAP_BYTES` (at least 1; maps of unknown size do
+    not count)."""
     sizes = [l.channels * int(np.prod(l.spatial)) * 4 for l in layers
              if l.spatial and all(isinstance(d, int) and d > 0 for d in l.spatial)]
-    return int(min(batch, max(1, budget // max(sizes)))) if sizes else int(batch)
+    return int(min(batch, max(1, TAP_BYTES // max(sizes)))) if sizes else int(batch)
 
 
 class Runner:
