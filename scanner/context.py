@@ -17,7 +17,7 @@ preprocessing; an edited graph (a cut branch) a :meth:`ModelContext.rebuilt` one
 import logging
 
 from scanner.data.preprocess import resolve_preprocess
-from scanner.graph.cost import dynamic_batch
+from scanner.graph.cost import dynamic_batch, largest_map
 from scanner.graph.fold import fold_constants
 from scanner.graph.layers import discover, select
 from scanner.graph.model import ModelFile, load_model, scores_output
@@ -30,7 +30,7 @@ class ModelContext:
     """A loaded model with its layers, preprocessing, scores output and runtime settings."""
 
     def __init__(self, model, preprocess, layers, scores, device="auto", threads=None, batch_size=128, proto=None,
-                 skipped=(), folded=None, batch_made_dynamic=False):
+                 skipped=(), folded=None, batch_made_dynamic=False, map_bytes=None):
         self.model = model
         self.preprocess = preprocess
         self.layers = list(layers)
@@ -41,6 +41,7 @@ class ModelContext:
         self.folded = folded
         self.batch_made_dynamic = batch_made_dynamic
         self._audit = None
+        self._map_bytes = map_bytes
 
     @classmethod
     def open(cls, model, preprocess=None, device="auto", threads=None, batch_size=128, scores=None):
@@ -92,10 +93,19 @@ class ModelContext:
         heads = [l for l in self.layers if l.is_head]
         return heads[-1] if heads else None
 
+    @property
+    def map_bytes(self):
+        """Bytes of the largest map one image fills in this graph (:func:`scanner.graph.cost.largest_map`), or 0
+        when no shape is known; computed once."""
+        if self._map_bytes is None:
+            self._map_bytes = largest_map(self.proto) or 0
+        return self._map_bytes
+
     def runner(self, layers=(), norms=(), masks=False, features=(), batch_size=None, device=None):
         """A :class:`Runner` of this model, instrumented for ``layers`` / ``norms`` / ``masks`` / ``features``."""
         return Runner(self.proto, self.preprocess, self.scores, layers, norms, masks, features,
-                      device or self.device, self.threads, batch_size or self.batch_size, self.model.path)
+                      device or self.device, self.threads, batch_size or self.batch_size, self.model.path,
+                      map_bytes=self.map_bytes)
 
     @property
     def audit(self):
@@ -114,4 +124,5 @@ class ModelContext:
     def derived(self, proto):
         """The context of a repaired copy of this model (same graph, new weights): same layers and preprocessing."""
         return ModelContext(self.model, self.preprocess, self.layers, self.scores, self.device, self.threads,
-                            self.batch_size, proto, self.skipped, self.folded, self.batch_made_dynamic)
+                            self.batch_size, proto, self.skipped, self.folded, self.batch_made_dynamic,
+                            self._map_bytes)

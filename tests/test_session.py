@@ -64,6 +64,28 @@ def test_large_measured_maps_run_in_smaller_session_calls(monkeypatch):
     assert calls == [10]
 
 
+def test_cpu_session_calls_are_sized_by_the_largest_map(monkeypatch):
+    """On CPU a batch whose largest map would fill more than CALL_BYTES runs as smaller session calls (at least
+    CALL_MIN images each): the same scores, every image counted once."""
+    from scanner.runtime import runner as R
+
+    ctx = ModelContext.open(zoo_path("resnet_badnets"))
+    assert ctx.map_bytes == max(l.channels * int(np.prod(l.spatial)) * 4 for l in ctx.layers if l.spatial)
+    pixels = np.random.RandomState(3).randint(0, 256, (10, 28, 28, 1)).astype(np.uint8)
+    whole = ctx.runner().run(pixels, batch_size=10)
+    monkeypatch.setattr(R, "CALL_BYTES", 3 * ctx.map_bytes)
+    assert R.call_images(ctx.map_bytes, 10) == R.CALL_MIN == 4 and R.call_images(None, 10) == 10
+    monkeypatch.setattr(R, "CALL_BYTES", 5 * ctx.map_bytes)
+    assert R.call_images(ctx.map_bytes, 10) == 5 and R.call_images(ctx.map_bytes, 3) == 3
+    runner = ctx.runner()
+    calls = []
+    run = runner.session.run
+    monkeypatch.setattr(runner.session, "run", lambda x, *a, **k: calls.append(len(x)) or run(x, *a, **k))
+    split = runner.run(pixels, batch_size=10)
+    assert calls == [5, 5] and runner.queries == 10
+    np.testing.assert_allclose(split.scores, whole.scores, rtol=1e-5, atol=1e-6)
+
+
 def _reshape_model():
     from onnx import TensorProto, helper, numpy_helper
 

@@ -2,7 +2,8 @@
 
 :func:`flops_per_image` counts the multiply-adds of the Conv, ConvTranspose, Gemm and MatMul nodes (x2) from
 inferred shapes: a property of the model, the same on every machine, so a search budget derived from it gives
-the same work (and verdict) under any load. :func:`dynamic_batch` turns an input exported with batch 1 into a
+the same work (and verdict) under any load. :func:`largest_map` is the size of the largest tensor one image fills
+(what sizes the runner's session calls on CPU). :func:`dynamic_batch` turns an input exported with batch 1 into a
 symbolic batch, kept only when the model then gives the same outputs for a batch as for its images one by one.
 """
 
@@ -48,6 +49,15 @@ def flops_per_image(model):
             total += rows * int(k) * int(n)
             counted += 1
     return 2 * total if counted else None
+
+
+def largest_map(model):
+    """Bytes (as float32) of the largest tensor a node computes for one image, from the tensors whose shapes past
+    the batch axis are known; None when none is."""
+    gi = GraphIndex(model)
+    sizes = [int(np.prod(dims[1:])) * 4 for node in gi.nodes for out in node.output if out
+             for dims in [gi.shape(out)] if dims and len(dims) > 1 and _known(dims[1:])]
+    return max(sizes) if sizes else None
 
 
 def dynamic_batch(model, source=None):

@@ -44,6 +44,24 @@ blocked one; smaller maps stay in cache between those reads and take less memory
 measurable at these sizes (benchmarks/RESULTS.md, "Scan, search and evaluation against plain onnxruntime")."""
 
 
+CALL_BYTES = 4 << 20
+"""On CPU, the most bytes one session call's images fill in the model's largest map: a batch past it runs as smaller
+session calls. Convolutions and matrix products run from cache at these sizes and lose nothing at 4 images; past it
+throughput falls with the batch (batch 512 of the 32x32 zoo runs 7-26% slower than 64, batch 111 of a 224x224
+ResNet-50 32% slower than 4-64: benchmarks/RESULTS.md, "Session calls sized by the largest map")."""
+CALL_MIN = 4
+"""Images one CPU session call gets at least, however large the maps (below it the threads have too little work)."""
+
+
+def call_images(map_bytes, batch):
+    """Images per CPU session call of a model whose largest map of one image is ``map_bytes``: ``batch``, or fewer
+    where that many would fill more than :data:`CALL_BYTES` (at least :data:`CALL_MIN`; 0 or None: unknown, no
+    limit)."""
+    if not map_bytes:
+        return int(batch)
+    return int(min(batch, max(CALL_MIN, CALL_BYTES // int(map_bytes))))
+
+
 def tap_batch(layers, batch):
     """Images per session call when the norms of ``layers`` are measured: ``batch``, or fewer where the largest
     measured float32 map of that many images would be over :data:`TAP_BYTES` (at least 1; maps of unknown size do
@@ -58,12 +76,13 @@ class Runner:
 
     ``layers`` and ``norms`` (a subset of :data:`NORMS`) add in-graph per-channel norms; ``masks`` adds a
     channel-mask input per layer (prune sweeps); ``features`` exposes tensors (their values come back
-    flattened per image). ``batch_size`` is the chunk one session call gets (fewer images where the measured
-    maps are large: :func:`tap_batch`).
+    flattened per image). ``batch_size`` is the chunk one session call gets: fewer images on CPU where the model's
+    largest map of one image, ``map_bytes``, would fill more than CALL_BYTES (:func:`call_images`), and where the
+    measured maps are large (:func:`tap_batch`).
     """
 
     def __init__(self, proto, pre, scores, layers=(), norms=(), masks=False, features=(), device="auto", threads=None,
-                 batch_size=256, source=None):
+                 batch_size=256, source=None, map_bytes=None):
         self.pre, self.scores_name, self.batch_size = pre, scores, int(batch_size)
         self.layers = list({l.id: l for l in layers}.values())
         self.norm_kinds = tuple(k for k in NORMS if k in tuple(norms)) if self.layers else ()
@@ -79,6 +98,7 @@ class Runner:
         # the memory pattern plans one block for every map alive at once: with the norm nodes it only costs memory
         self.session = Session(proto, device=device, threads=threads, source=source, memory_pattern=self.instrumented is None)
         del proto
+        self.map_bytes = map_bytes if self.session.provider == "CPUExecutionProvider" else None
         self.slices = [self.instrumented.slices[l.id] for l in self.layers] if self.instrumented else []
         self.channels = sum(hi - lo for lo, hi in self.slices)
         self.features = tuple(features)
@@ -113,7 +133,7 @@ class Runner:
         if features:
             names += [f for f in self.features if f not in names]
         feeds = self.mask_feeds(masks)
-        step = int(batch_size or self.batch_size)
+        step = call_images(self.map_bytes, batch_size or self.batch_size)
         if norms and self.norm_kinds:
             step = tap_batch(self.layers, step)
         parts = {name: [] for name in names}
