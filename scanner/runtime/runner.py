@@ -46,11 +46,12 @@ measurable at these sizes (benchmarks/RESULTS.md, "Scan, search and evaluation a
 
 CALL_BYTES = 4 << 20
 """On CPU, the most bytes one session call's images fill in the model's largest map: a batch past it runs as smaller
-session calls. Convolutions and matrix products run from cache at these sizes and lose nothing at 4 images; past it
-throughput falls with the batch (batch 512 of the 32x32 zoo runs 7-26% slower than 64, batch 111 of a 224x224
-ResNet-50 32% slower than 4-64: benchmarks/RESULTS.md, "Session calls sized by the largest map")."""
+session calls. Past a few MiB per tensor the maps leave the caches and plain onnxruntime's throughput falls with the
+batch: batch 512 of the 32x32 zoo runs 7-20% slower than 64, batch 111 of a 224x224 ResNet-50 or MobileNetV3 12-18%
+slower than 4 (benchmarks/RESULTS.md, "Session calls sized by the largest map")."""
 CALL_MIN = 4
-"""Images one CPU session call gets at least, however large the maps (below it the threads have too little work)."""
+"""Images one CPU session call gets at least, however large the maps: the 224x224 models run as fast at 4 images per
+call as at 16-64; 2 images ran 3-4% slower than 4 on ResNet-18 and MobileNetV3 in a trial run."""
 
 
 def call_images(map_bytes, batch):
