@@ -15,11 +15,13 @@ models of benchmarks/speed.py found in --cache (ResNet-18, ResNet-50, MobileNetV
 
 import argparse
 import datetime
+import os
 import platform
 import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -37,7 +39,6 @@ BEGIN, END = "<!-- call-size: begin -->", "<!-- call-size: end -->"
 def curve(path, batches, rounds, seconds, threads):
     """(row facts, {batch: median images/s}) of one model."""
     import onnx
-    import onnxruntime as ort
 
     from scanner.detect.synthesis import chunk_images
     from scanner.graph.cost import largest_map
@@ -49,9 +50,9 @@ def curve(path, batches, rounds, seconds, threads):
     c, h, w = dims[1:]
     search = chunk_images(h, w, c)
     call = call_images(map_bytes, search)
-    opts = ort.SessionOptions()
+    opts = onnxruntime.SessionOptions()
     opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     sizes = sorted({b for b in batches if b <= search} | {search, call})  # no batch past what the search runs
     rng = np.random.RandomState(0)
     x = {b: rng.rand(b, c, h, w).astype(np.float32) for b in sizes}
@@ -70,8 +71,8 @@ def section(rows, batches, argv):
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     head = " | ".join(f"batch {b}" for b in batches)
     lines = [BEGIN, "## Session calls sized by the largest map (issue 15)", "",
-             f"Measured {now} on {platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, Python "
-             f"{platform.python_version()}, onnxruntime {__import__('onnxruntime').__version__}, CPU. Command: "
+             f"Measured {now} on {platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python "
+             f"{platform.python_version()}, onnxruntime {onnxruntime.__version__}, CPU. Command: "
              f"`python benchmarks/call_size.py {' '.join(argv)}`. Plain `session.run` on one random batch, images/s, "
              "medians of interleaved rounds. \"largest map\": the largest tensor one image fills (float32); \"search "
              "batch\": the images the search stamps per forward pass; \"call\": the images per session call the runner "

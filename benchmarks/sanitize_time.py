@@ -26,6 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from efficacy_synthesis import rgb_entries  # noqa: E402
 from results import publish  # noqa: E402
 
 MODELS = ("rgb10_preact_clean", "rgb10_mobilenetv2_clean", "rgb10_vgg_clean", "rgb10_vit_clean",
@@ -38,10 +39,10 @@ def head(src):
                           check=False).stdout.strip() or "?"
 
 
-def run(src, name, workdir):
-    """(wall seconds, report facts) of one blind sanitize of zoo model ``name`` with the package in ``src``."""
-    manifest = json.loads((ROOT / "models/rgb/manifest.json").read_text())
-    entry = next(e for e in manifest["models"] if e["name"] == name)
+def run(src, entry, workdir):
+    """(wall seconds, report facts) of one blind sanitize of zoo model ``entry`` (manifest) with the package in
+    ``src``."""
+    name = entry["name"]
     report = Path(workdir) / f"{name}.json"
     cmd = [sys.executable, "-m", "scanner", "-q", "sanitize", str(ROOT / "models/rgb" / entry["file"]), "--data",
            str(ROOT / "models/rgb/data" / f"{entry['dataset']}_clean.npz"), "-o", str(Path(workdir) / f"{name}.onnx"),
@@ -67,6 +68,7 @@ def main(argv=None):
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args(argv)
     trees = {"now": ROOT, "baseline": Path(args.baseline).resolve()}
+    entries = {e["name"]: e for e in rgb_entries()}
     walls = {(t, m): [] for t in trees for m in args.models}
     facts = {}
     with tempfile.TemporaryDirectory(prefix="sanitize-time-") as tmp:
@@ -74,7 +76,7 @@ def main(argv=None):
             for i, name in enumerate(args.models):
                 order = list(trees) if (r + i) % 2 == 0 else list(trees)[::-1]
                 for tree in order:
-                    seconds, f = run(trees[tree], name, tmp)
+                    seconds, f = run(trees[tree], entries[name], tmp)
                     walls[(tree, name)].append(seconds)
                     facts[(tree, name)] = f
                     print(f"round {r + 1} {name} {tree}: {seconds:.1f}s {f}", file=sys.stderr)

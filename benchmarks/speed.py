@@ -150,7 +150,6 @@ def in_process(path, folder, rounds, seconds, device):
     from scanner.data.images import ImageSet, cached
     from scanner.data.triggers import Trigger
     from scanner.detect.synthesis import Config, Synthesizer, search_runner
-    from scanner.runtime.runner import call_images, tap_batch
 
     path = centered(path, folder, device)
     ctx = ModelContext.open(str(path), "imagenet", device)
@@ -166,8 +165,7 @@ def in_process(path, folder, rounds, seconds, device):
     x_search = rng.rand(search.batch_size, 3, h, w).astype(np.float32)
     x_eval = rng.rand(32, 3, h, w).astype(np.float32)
     # the images one session call of each gets (the runner splits a batch on CPU: runner.call_images, tap_batch)
-    calls = {"search": tap_batch(search.layers, call_images(search.map_bytes, search.batch_size)),
-             "evaluate": call_images(evaluate.map_bytes, 32)}
+    calls = {"search": search.call_size(), "evaluate": evaluate.call_size(norms=False)}
     x_call = {k: rng.rand(n, 3, h, w).astype(np.float32) for k, n in calls.items()}
     samples = {k: [] for k in ("plain_search_batch", "plain_search_call", "search", "plain_batch_32",
                                "plain_evaluate_call", "evaluate")}

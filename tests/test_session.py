@@ -38,6 +38,14 @@ def test_runner_instruments_the_graph_without_its_weights():
     assert out.norms["linf"].shape == (4, runner.channels) and np.all(out.norms["linf"] >= 0)
 
 
+def _session_calls(monkeypatch, runner):
+    """The list that records the number of images of each of ``runner``'s session calls from now on."""
+    calls = []
+    run = runner.session.run
+    monkeypatch.setattr(runner.session, "run", lambda x, *a, **k: calls.append(len(x)) or run(x, *a, **k))
+    return calls
+
+
 def test_large_measured_maps_run_in_smaller_session_calls(monkeypatch):
     """Where the measured maps of a batch would pass TAP_BYTES, the runner splits it into smaller session calls:
     the same scores and norms, every image counted once."""
@@ -51,9 +59,7 @@ def test_large_measured_maps_run_in_smaller_session_calls(monkeypatch):
     monkeypatch.setattr(R, "TAP_BYTES", 3 * biggest)
     assert R.tap_batch(layers, 10) == 3 and R.tap_batch(layers, 2) == 2 and R.tap_batch([], 10) == 10
     runner = ctx.runner(layers, norms=("linf", "l1", "l2"))
-    calls = []
-    run = runner.session.run
-    monkeypatch.setattr(runner.session, "run", lambda x, *a, **k: calls.append(len(x)) or run(x, *a, **k))
+    calls = _session_calls(monkeypatch, runner)
     split = runner.run(pixels, batch_size=10)
     assert calls == [3, 3, 3, 1] and runner.queries == 10
     np.testing.assert_allclose(split.scores, whole.scores, rtol=1e-5, atol=1e-6)
@@ -78,9 +84,7 @@ def test_cpu_session_calls_are_sized_by_the_largest_map(monkeypatch):
     monkeypatch.setattr(R, "CALL_BYTES", 5 * ctx.map_bytes)
     assert R.call_images(ctx.map_bytes, 10) == 5 and R.call_images(ctx.map_bytes, 3) == 3
     runner = ctx.runner()
-    calls = []
-    run = runner.session.run
-    monkeypatch.setattr(runner.session, "run", lambda x, *a, **k: calls.append(len(x)) or run(x, *a, **k))
+    calls = _session_calls(monkeypatch, runner)
     split = runner.run(pixels, batch_size=10)
     assert calls == [5, 5] and runner.queries == 10
     np.testing.assert_allclose(split.scores, whole.scores, rtol=1e-5, atol=1e-6)

@@ -54,13 +54,19 @@ CALL_MIN = 4
 call as at 16-64; 2 images ran 3-4% slower than 4 on ResNet-18 and MobileNetV3 in a trial run."""
 
 
+def _within(batch, per_image, budget, least):
+    """``batch``, or as many images (at least ``least``) as fill ``budget`` bytes at ``per_image`` bytes each (0 or
+    None: unknown, no limit)."""
+    if not per_image:
+        return int(batch)
+    return int(min(batch, max(least, budget // int(per_image))))
+
+
 def call_images(map_bytes, batch):
     """Images per CPU session call of a model whose largest map of one image is ``map_bytes``: ``batch``, or fewer
     where that many would fill more than :data:`CALL_BYTES` (at least :data:`CALL_MIN`; 0 or None: unknown, no
     limit)."""
-    if not map_bytes:
-        return int(batch)
-    return int(min(batch, max(CALL_MIN, CALL_BYTES // int(map_bytes))))
+    return _within(batch, map_bytes, CALL_BYTES, CALL_MIN)
 
 
 def tap_batch(layers, batch):
@@ -69,7 +75,7 @@ def tap_batch(layers, batch):
     not count)."""
     sizes = [l.channels * int(np.prod(l.spatial)) * 4 for l in layers
              if l.spatial and all(isinstance(d, int) and d > 0 for d in l.spatial)]
-    return int(min(batch, max(1, TAP_BYTES // max(sizes)))) if sizes else int(batch)
+    return _within(batch, max(sizes, default=0), TAP_BYTES, 1)
 
 
 class Runner:
@@ -125,6 +131,12 @@ class Runner:
                 feeds[name] = m
         return feeds
 
+    def call_size(self, batch_size=None, norms=True):
+        """Images one session call gets when :meth:`run` is given ``batch_size`` (default: the runner's) and
+        ``norms``: :func:`call_images` on CPU, then :func:`tap_batch` where norms are measured."""
+        step = call_images(self.map_bytes, batch_size or self.batch_size)
+        return tap_batch(self.layers, step) if norms and self.norm_kinds else step
+
     def run(self, pixels, masks=None, norms=True, features=True, batch_size=None, flatten=True):
         """Run ``pixels`` (N, H, W, C); ``norms`` / ``features`` False leave those outputs out (faster);
         ``flatten`` False keeps the features' own shapes."""
@@ -134,9 +146,7 @@ class Runner:
         if features:
             names += [f for f in self.features if f not in names]
         feeds = self.mask_feeds(masks)
-        step = call_images(self.map_bytes, batch_size or self.batch_size)
-        if norms and self.norm_kinds:
-            step = tap_batch(self.layers, step)
+        step = self.call_size(batch_size, norms)
         parts = {name: [] for name in names}
         for s in range(0, len(pixels), step):
             chunk = pixels[s : s + step]
