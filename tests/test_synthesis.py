@@ -169,3 +169,23 @@ def test_search_memory_does_not_grow_with_the_class_count(name):
     # measured: 4.4x (10 classes) and 4.5x (1000 classes) of one chunk; 9.7x at 1000 classes while the screening
     # kept a candidate per class
     assert peak < 6 * batch + 16 * 2**20, f"{peak / 2**20:.0f} MiB traced at {result.screening['classes']} classes"
+
+
+def test_stamps_go_into_one_reused_buffer_and_equal_fresh_stamps():
+    """Every family stamps into the search's buffer the same values as into a new array, pass after pass in the
+    same memory; a buffer of the wrong shape or type is refused."""
+    ctx = ModelContext.open(RGB / "rgb10_vgg_clean.onnx", threads=2)
+    pixels = ImageSet(RGB / "data" / "rgb10_clean.npz", limit=120).load_all(ctx.preprocess).pixels
+    s = Synthesizer.for_model(ctx, pixels, Config(seed=0))
+    s._clean()
+    x = s.x_search[:16]
+    banks = s._templates()
+    assert set(banks) == {"patch", "blend", "signal", "warp", "filter"}
+    cands = [c.copy(target=1) for f in sorted(banks) for c in banks[f][:: max(1, len(banks[f]) // 3)][:3]]
+    first = s._stamps(cands[:7], x)
+    assert np.array_equal(first, np.concatenate([c.stamp(x) for c in cands[:7]]))
+    second = s._stamps(cands[7:14], x)
+    assert np.shares_memory(first, second) and second.dtype == np.float32
+    assert np.array_equal(second, np.concatenate([c.stamp(x) for c in cands[7:14]]))
+    with pytest.raises(ValueError, match="cannot go into"):
+        cands[0].stamp(x, np.empty((15,) + x.shape[1:], np.float32))

@@ -130,6 +130,50 @@ def test_warp_field_resized_to_image_and_matches_bicubic_draw():
     assert out.shape == (4, 32, 64, 3)
 
 
+def _bilinear_warp(x, field, strength):
+    """WaNet's warp as the textbook formula: four gathers, ``top * (1 - wy) + bottom * wy`` (the definition the fast
+    warp must give bit for bit)."""
+    from scanner.data.triggers import warp_grid
+
+    n, h, w, c = x.shape
+    py, px = warp_grid(field, strength, h, w)
+    y0 = np.clip(np.floor(py).astype(np.int64), 0, h - 1)
+    x0 = np.clip(np.floor(px).astype(np.int64), 0, w - 1)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    wy, wx = (py - y0).astype(np.float32)[None, :, :, None], (px - x0).astype(np.float32)[None, :, :, None]
+    at = lambda yy, xx: x[:, yy, xx]  # noqa: E731
+    top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+    bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+    return (top * (1 - wy) + bottom * wy).astype(np.float32)
+
+
+@pytest.mark.parametrize("n,h,w,c", [(3, 224, 224, 3), (70, 32, 32, 3), (37, 28, 28, 1), (5, 17, 40, 3), (2, 9, 9, 5)])
+def test_warp_gives_the_bilinear_formula_bit_for_bit(n, h, w, c):
+    # images in groups (70 of 32x32 is two groups), gray, odd sizes, more channels than OpenCV's remap takes
+    x = (np.random.RandomState(n).rand(n, h, w, c) * 255).astype(np.float32)
+    field = make_warp_field(4, max(h, w), seed=n)[:h, :w]
+    for strength in (0.5, 3.0, 9.0):
+        want = _bilinear_warp(x, field, strength)
+        assert np.array_equal(warp(x, field, strength), want)
+        out = np.full_like(x, -1.0)
+        assert warp(x, field, strength, out=out) is out and np.array_equal(out, want)
+    assert warp(x[:0], field, 1.0).shape == (0, h, w, c)
+
+
+def test_filter_in_place_steps_give_the_formula():
+    x = (np.random.RandomState(1).rand(6, 20, 24, 3) * 255).astype(np.float32)
+    m = np.array([[0.39, 0.77, 0.19], [0.35, 0.69, 0.17], [0.27, 0.53, 0.13]], np.float32)
+    bias, gamma, v = np.array([12.0, -4.0, 3.0], np.float32), 1.3, 0.4
+    y = np.clip(x @ m.T + bias, 0, 255)
+    y = np.float32(255) * (y / np.float32(255)) ** np.float32(gamma)
+    yy, xx = np.meshgrid(np.linspace(-1, 1, 20), np.linspace(-1, 1, 24), indexing="ij")
+    want = np.clip(y * (1 - v * (yy**2 + xx**2) / 2)[None, :, :, None], 0, 255)
+    np.testing.assert_allclose(color_filter(x, m, bias, gamma, v), want, rtol=1e-5, atol=1e-3)
+    out = np.zeros_like(x)
+    assert color_filter(x, m, bias, gamma, v, out=out) is out
+    assert np.array_equal(out, color_filter(x, m, bias, gamma, v))
+
+
 def test_filter_identity_known_value_and_roundtrip(tmp_path):
     x = _rgb_batch()
     eye = Trigger("filter", matrix=np.eye(3).tolist(), bias=[0, 0, 0])

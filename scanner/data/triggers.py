@@ -217,42 +217,107 @@ def warp_grid(field, strength, h, w):
     return (gy + 1) / 2 * np.float32(h - 1), (gx + 1) / 2 * np.float32(w - 1)
 
 
-def warp(pixels, field, strength=0.5):
-    """WaNet: sample every image at the warped grid (bilinear, align_corners=True); ``field`` (H, W, 2), x then y."""
-    x = np.asarray(pixels, dtype=np.float32)
+GROUP_PIXELS = 1 << 16
+"""Pixels a stamp works on at a time (images stacked as one tall image): its temporaries stay in the caches, and
+they are allocated once per call, not once per operation."""
+
+
+def _groups(n, h, w):
+    """Images per group of a stamp over (n, h, w) images: GROUP_PIXELS of them, at least 1."""
+    return int(max(1, min(n, GROUP_PIXELS // max(h * w, 1))))
+
+
+def warp(pixels, field, strength=0.5, out=None):
+    """WaNet: sample every image at the warped grid (bilinear, align_corners=True); ``field`` (H, W, 2), x then y.
+
+    Written into ``out`` (N, H, W, C) float32 when given. The four neighbours are gathered by OpenCV (nearest, at
+    integer positions: exact), a group of images at a time; the blend is the same float32 arithmetic as
+    ``top * (1 - wy) + bottom * wy`` with ``top = a * (1 - wx) + b * wx``, so the values are the same bits."""
+    x = np.ascontiguousarray(pixels, dtype=np.float32)
     n, h, w, c = x.shape
+    if out is None:
+        out = np.empty((n, h, w, c), np.float32)
+    if not n:
+        return out
     py, px = warp_grid(field, strength, h, w)
     y0 = np.clip(np.floor(py).astype(np.int64), 0, h - 1)
     x0 = np.clip(np.floor(px).astype(np.int64), 0, w - 1)
     y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
     wy, wx = (py - y0).astype(np.float32), (px - x0).astype(np.float32)
-    flat = x.reshape(n, h * w, c)
+    k = _groups(n, h, w)
+    rows = (np.arange(k) * h)[:, None, None]  # image i of a group starts at row i * h of the stacked image
 
-    def at(yy, xx):
-        return np.take(flat, (yy * w + xx).reshape(-1), axis=1).reshape(n, h, w, c)
+    def maps(yy, xx):
+        return (np.ascontiguousarray(np.broadcast_to(xx, (k, h, w)), np.float32).reshape(k * h, w),
+                (yy[None] + rows).astype(np.float32).reshape(k * h, w))
 
-    wy, wx = wy[None, :, :, None], wx[None, :, :, None]
-    top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
-    bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
-    return (top * (1 - wy) + bottom * wy).astype(np.float32)
+    corners = [maps(yy, xx) for yy, xx in ((y0, x0), (y0, x1), (y1, x0), (y1, x1))]
+
+    def full(v):  # contiguous (1, H, W, C) weights: numpy's fast loop, broadcast over the images of a group only
+        return np.ascontiguousarray(np.broadcast_to(v[:, :, None], (h, w, c)))[None]
+
+    wx1, wx0, wy1, wy0 = full(wx), full(1 - wx), full(wy), full(1 - wy)
+    a, b = np.empty((k, h, w, c), np.float32), np.empty((k, h, w, c), np.float32)
+    for s in range(0, n, k):
+        m = min(k, n - s)
+        src, top, bottom, other = x[s : s + m], out[s : s + m], a[:m], b[:m]
+        g = [(cx[: m * h], cy[: m * h]) for cx, cy in corners]
+        _gather(src, g[0], top)
+        top *= wx0
+        _gather(src, g[1], other)
+        other *= wx1
+        top += other
+        _gather(src, g[2], bottom)
+        bottom *= wx0
+        _gather(src, g[3], other)
+        other *= wx1
+        bottom += other
+        top *= wy0
+        bottom *= wy1
+        top += bottom
+    return out
 
 
-def color_filter(pixels, matrix, bias=(0.0, 0.0, 0.0), gamma=1.0, vignette=0.0):
-    """An "Instagram" filter on RGB pixels: ``x M^T + bias``, clipped, gamma, vignette ``1 - v r^2``, clipped."""
-    x = np.asarray(pixels, dtype=np.float32)
+def _gather(src, xy, dst):
+    """(M, H, W, C) images ``src`` sampled into ``dst`` at integer-valued float maps ``xy`` (x, y) over the images
+    stacked as one (M * H, W) image: OpenCV's nearest remap, exact; numpy's gather past OpenCV's 4 channels."""
+    m, h, w, c = src.shape
+    if c > 4:
+        flat = src.reshape(m * h * w, c)
+        dst[...] = flat[(xy[1].astype(np.intp) * w + xy[0].astype(np.intp)).reshape(-1)].reshape(m, h, w, c)
+        return
+    shape = (m * h, w) if c == 1 else (m * h, w, c)
+    d2 = dst.reshape(shape)
+    r = cv2.remap(src.reshape(shape), xy[0], xy[1], cv2.INTER_NEAREST, dst=d2)
+    if not np.shares_memory(r, d2):
+        d2[...] = r.reshape(shape)
+
+
+def color_filter(pixels, matrix, bias=(0.0, 0.0, 0.0), gamma=1.0, vignette=0.0, out=None):
+    """An "Instagram" filter on RGB pixels: ``x M^T + bias``, clipped, gamma, vignette ``1 - v r^2``, clipped.
+
+    Written into ``out`` (N, H, W, 3) float32 when given; every step works in place (one matrix product over all
+    pixels, no temporaries the size of the images)."""
+    x = np.ascontiguousarray(pixels, dtype=np.float32)
     n, h, w, c = x.shape
     if c != 3:
         raise ValueError(f"a color filter needs 3 channels, got {c}")
     m = np.asarray(matrix, np.float32).reshape(3, 3)
-    y = np.clip(x @ m.T + np.asarray(bias, np.float32).reshape(3), 0, 255)
+    y = np.empty((n, h, w, c), np.float32) if out is None else out
+    np.matmul(x.reshape(-1, 3), m.T, out=y.reshape(-1, 3))
+    y += np.asarray(bias, np.float32).reshape(3)
+    np.clip(y, 0, 255, out=y)
     if float(gamma) != 1.0:
-        y = np.float32(255) * (y / np.float32(255)) ** np.float32(gamma)
+        y /= np.float32(255)
+        y **= np.float32(gamma)
+        y *= np.float32(255)
     if float(vignette) != 0.0:
         yy = (np.arange(h, dtype=np.float32) - (h - 1) / 2) / max((h - 1) / 2, 1)
         xx = (np.arange(w, dtype=np.float32) - (w - 1) / 2) / max((w - 1) / 2, 1)
         r2 = (yy[:, None] ** 2 + xx[None, :] ** 2) / 2
-        y = y * (1 - np.float32(vignette) * r2)[None, :, :, None]
-    return np.clip(y, 0, 255).astype(np.float32)
+        y *= np.ascontiguousarray(np.broadcast_to((1 - np.float32(vignette) * r2)[:, :, None], (h, w, c)))[None]
+    np.clip(y, 0, 255, out=y)
+    return y
 
 
 def signal(pixels, delta=20.0, frequency=6.0):

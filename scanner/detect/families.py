@@ -74,9 +74,9 @@ class Candidate:
         ok = self.success >= success
         return (ok, -self.size if ok else 0.0, self.soft)
 
-    def stamp(self, x):
-        """``x`` (N, H, W, C) float32 with the trigger on (a new array)."""
-        return FAMILIES[self.family].stamp(self, x)
+    def stamp(self, x, out=None):
+        """``x`` (N, H, W, C) float32 with the trigger on: a new array, or written into ``out`` (same shape)."""
+        return FAMILIES[self.family].stamp(self, x, _buffer(x, out))
 
     def copy(self, **changes):
         c = Candidate(self.family, self.target, None if self.pattern is None else self.pattern.copy(), self.box,
@@ -94,6 +94,15 @@ class Candidate:
         return FAMILIES[self.family].describe(self)
 
 
+def _buffer(x, out):
+    """Where a stamp of images ``x`` goes: ``out`` (checked: float32, x's shape), else a new float32 array."""
+    if out is None:
+        return np.empty(np.shape(x), np.float32)
+    if out.shape != np.shape(x) or out.dtype != np.float32:
+        raise ValueError(f"a stamp of {np.shape(x)} images cannot go into a {out.dtype} array of {out.shape}")
+    return out
+
+
 def _gray(c):
     return c == 1
 
@@ -108,8 +117,8 @@ class Patch:
     def cap(self, cfg):
         return float(cfg.max_patch) ** 2
 
-    def stamp(self, c, x):
-        out = np.array(x, np.float32, copy=True)
+    def stamp(self, c, x, out):
+        out[...] = x
         y, x0, h, w = c.box
         out[:, y : y + h, x0 : x0 + w, :] = c.pattern
         return out
@@ -266,9 +275,11 @@ class Blend(Strength):
     def top(self, c):
         return 1.0
 
-    def stamp(self, c, x):
+    def stamp(self, c, x, out):
         a = np.float32(c.alpha)
-        return np.asarray(x, np.float32) * (1 - a) + a * c.pattern
+        np.multiply(x, 1 - a, out=out)
+        out += a * c.pattern
+        return out
 
     def trigger(self, c, color, extra):
         img = np.clip(np.rint(c.pattern), 0, 255).astype(np.float32)
@@ -338,8 +349,9 @@ class Signal(Strength):
         t = (xx / w, yy / h, (xx / w + yy / h) / 2)[direction]
         return np.sin(2 * np.pi * freq * t + phase)[:, :, None].repeat(c, 2).astype(np.float32)
 
-    def stamp(self, c, x):
-        return np.clip(np.asarray(x, np.float32) + np.float32(255 * c.alpha) * c.pattern, 0, 255)
+    def stamp(self, c, x, out):
+        np.add(x, np.float32(255 * c.alpha) * c.pattern, out=out)
+        return np.clip(out, 0, 255, out=out)
 
     def trigger(self, c, color, extra):
         field = c.pattern[:, :, ::-1] if color == "bgr" and c.pattern.shape[2] == 3 else c.pattern
@@ -374,8 +386,8 @@ class Warp(Strength):
     def cap(self, cfg):
         return float(cfg.max_warp)
 
-    def stamp(self, c, x):
-        return T.warp(x, c.pattern, c.alpha)
+    def stamp(self, c, x, out):
+        return T.warp(x, c.pattern, c.alpha, out=out)
 
     def trigger(self, c, color, extra):
         return T.Trigger(kind="warp", noise=c.pattern.astype(np.float32), strength=round(float(c.alpha), 4), extra=extra)
@@ -433,8 +445,8 @@ class Filter(Strength):
         m = (1 - t) * np.eye(3, dtype=np.float32) + t * c.matrix
         return m, t * c.bias, float(max(0.1, 1 + t * (c.gamma - 1))), float(min(1.0, t * c.vignette))
 
-    def stamp(self, c, x):
-        return T.color_filter(x, *self.mixed(c))
+    def stamp(self, c, x, out):
+        return T.color_filter(x, *self.mixed(c), out=out)
 
     def trigger(self, c, color, extra):
         m, b, gamma, vignette = self.mixed(c)

@@ -259,6 +259,7 @@ class Synthesizer:
         self.deadline = None
         self.truncated = False
         self.q0 = 0
+        self._buffer = None
 
     @classmethod
     def for_model(cls, ctx, pixels, config=None, queries=None):
@@ -272,6 +273,17 @@ class Synthesizer:
         """(scores (N, K), fingerprint-layer l-inf (N, C) or None) of ``pixels``."""
         out = self.runner.run(pixels, batch_size=self.batch)
         return out.scores, out.norms.get("linf")
+
+    def _stamps(self, cands, x):
+        """``cands`` stamped on images ``x``, one after the other, in one buffer reused pass after pass (a view of
+        it): no new array of stamped images per pass, whose first touch of fresh memory costs as much as the stamp."""
+        n = len(cands) * len(x)
+        if self._buffer is None or len(self._buffer) < n or self._buffer.shape[1:] != x.shape[1:]:
+            self._buffer = np.empty((max(n, self.batch),) + x.shape[1:], np.float32)
+        out = self._buffer[:n]
+        for j, c in enumerate(cands):
+            c.stamp(x, out[j * len(x) : (j + 1) * len(x)])
+        return out
 
     def used(self):
         return self.runner.queries - self.q0
@@ -316,7 +328,7 @@ class Synthesizer:
         for s in range(0, len(cands), per):
             group = cands[s : s + per]
             self._check_time()
-            logits, linf = self._run(np.concatenate([c.stamp(x) for c in group]))
+            logits, linf = self._run(self._stamps(group, x))
             succ, soft = self._score(logits, pred0, np.array([c.target for c in group]))
             changed = (logits.reshape(len(group), len(x), -1).argmax(2) != pred0[None, :]).mean(1)
             for j, c in enumerate(group):
@@ -388,7 +400,7 @@ class Synthesizer:
             per = max(1, self.batch // len(x))
             for s in range(0, len(bank), per):
                 self._check_time()
-                logits, _ = self._run(np.concatenate([t.stamp(x) for t in bank[s : s + per]]))
+                logits, _ = self._run(self._stamps(bank[s : s + per], x))
                 succ[s : s + per], soft[s : s + per] = self._score(logits, pred)
             for i, t in enumerate(bank):  # a class's own images blended in are no trigger for it
                 if t.depicts is not None:
