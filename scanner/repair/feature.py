@@ -9,6 +9,10 @@ layer's own receptive fields (its kernel, strides and pads over its input; every
 is one least-squares problem. The change is folded into the layer's weights and bias through the per-channel
 scale of the ops between the layer and the site: the graph keeps its operators.
 
+The fit is tried at each of the last SITES feature layers, the last first, and the best of them all is kept: where a
+trigger is best corrected depends on the network (a ViT's patch and blend triggers are corrected in the residual
+stream before its last block, not after it; a ResNet's at its last conv: benchmarks/RESULTS.md).
+
 The probe rows' weight is chosen by k-fold cross-validation over images, each fold predicted by a model fitted
 without it (a repaired copy run through onnxruntime): the lowest probe success among the weights that keep
 TARGET_AGREEMENT with the original on clean images, else the highest agreement (the head refit's rule). The
@@ -34,6 +38,8 @@ RIDGE = 0.01
 MAX_INPUTS = 2048
 """A conv whose receptive field has more inputs than this (channels x kernel) is corrected at its kernel's centre
 tap only (a 1x1 change of its weights): the gram stays (channels + 1)^2."""
+SITES = 6
+"""Feature layers, from the last before the head back, where the correction is fitted and cross-validated."""
 AFFINE = ("Add", "Sub", "Mul", "Div", "BatchNormalization")
 """Ops between the layer and its site: a per-channel scale and shift (or a residual join, which adds)."""
 
@@ -55,12 +61,19 @@ class Site:
         return d
 
 
-def site(ctx):
-    """The :class:`Site` of ``ctx``'s model, or (None, why not)."""
-    features = [l for l in ctx.layers if not l.is_head and l.op_type in ("Conv", "Gemm", "MatMul")]
-    if not features:
-        return None, "no Conv, Gemm or MatMul layer before the head"
-    layer = features[-1]
+def site_layers(ctx, most=SITES):
+    """The layers a correction may be fitted at: the last ``most`` Conv, Gemm and MatMul layers before the head,
+    the last first."""
+    return [l for l in ctx.layers if not l.is_head and l.op_type in ("Conv", "Gemm", "MatMul")][::-1][: max(1, most)]
+
+
+def site(ctx, layer=None):
+    """The :class:`Site` of ``ctx``'s model at ``layer`` (default: the last feature layer), or (None, why not)."""
+    if layer is None:
+        features = site_layers(ctx, 1)
+        if not features:
+            return None, "no Conv, Gemm or MatMul layer before the head"
+        layer = features[0]
     gi = GraphIndex(ctx.proto, infer=False)
     node = gi.nodes[gi.by_name[layer.node]]
     if not layer.input or gi.const(layer.input) is not None:
@@ -143,26 +156,51 @@ def outputs(site, a):
     return a.transpose(0, 2, 3, 1).reshape(-1, a.shape[1]).astype(np.float32)
 
 
-def feature_refit(rep, folds=3, weights=PROBE_WEIGHTS):
-    """Fit and fold the feature correction of ``rep``'s model from its clean images and paired trigger probes.
+def feature_refit(rep, folds=3, weights=PROBE_WEIGHTS, sites=SITES):
+    """Fit and fold the feature correction of ``rep``'s model from its clean images and paired trigger probes, at
+    each of the last ``sites`` feature layers (:func:`site_layers`), and keep the best (:func:`cost`, cross-validated).
 
-    Returns (proto, cross-validated :class:`scanner.repair.prune.Level`, fit entry with every weight tried); raises
-    ScannerError when the model has no site (:func:`site`) or no paired trigger probe."""
-    where, why = site(rep.ctx)
-    if where is None:
-        raise ScannerError(f"no layer for the feature refit: {why}")
+    Returns (proto, cross-validated :class:`scanner.repair.prune.Level`, fit entry: the kept site and weight, every
+    site and weight tried, the layers no site could be made at and why); raises ScannerError when the model has no
+    site or no paired trigger probe."""
     pairs = [i for i, p in enumerate(rep.probes) if p.trigger is not None and rep.paired(i)]
+    layers = site_layers(rep.ctx, sites)
+    if not layers:
+        raise ScannerError("no layer for the feature refit: no Conv, Gemm or MatMul layer before the head")
     if not pairs:
         raise ScannerError("the feature refit needs trigger probes paired with the clean images")
-    intercept = surgery.has_bias(rep.ctx.proto, where.layer)  # a MatMul without bias Add gets no bias either
     pixels = rep.clean_set.load_all(rep.pre).pixels
     n, k = len(pixels), max(2, folds)
     fold = np.arange(n) % k
+    best, tried, skipped = None, [], []
+    for layer in layers:
+        where, why = site(rep.ctx, layer)
+        if where is None:
+            log.info("feature refit: no site at %s (%s)", layer.id, why)
+            skipped.append({"layer": layer.id, "reason": why})
+            continue
+        found = _fit_site(rep, where, pixels, pairs, fold, k, weights, tried)
+        if best is None or found[0] < best[0]:
+            best = found + (where,)
+    if best is None:
+        raise ScannerError("no layer for the feature refit: " + "; ".join(f"{e['layer']}: {e['reason']}" for e in skipped))
+    _, weight, level, total, intercept, where = best
+    proto = fold_into(rep.ctx.proto, where, _solve(total, weight, intercept))
+    log.info("feature refit kept at %s, probe weight %g (of %d site(s))", where.layer.id, weight, len(layers) - len(skipped))
+    return proto, level, {**where.to_dict(), "probe_weight": weight, "ridge": RIDGE, "folds": k, "intercept": intercept,
+                          "inputs": int(total[0].shape[0] - 1), "rows": int(total[3]), "tried": tried,
+                          "sites_skipped": skipped}
+
+
+def _fit_site(rep, where, pixels, pairs, fold, k, weights, tried):
+    """(cost, weight, level, summed grams, intercept) of the best probe weight at site ``where``, cross-validated
+    over the ``k`` folds; each weight's result is appended to ``tried``."""
+    intercept = surgery.has_bias(rep.ctx.proto, where.layer)  # a MatMul without bias Add gets no bias either
     grams = _grams(rep, where, pixels, pairs, fold, k, 1.0 if intercept else 0.0)
     total = [sum(g[j] for g in grams) for j in range(4)]
-    best, tried = None, []
+    best = None
     for weight in weights:
-        clean_preds = np.zeros(n, np.int64)
+        clean_preds = np.zeros(len(pixels), np.int64)
         probe_preds = [m.preds.copy() for m in rep.probed]
         for f in range(k):
             theta = _solve([t - g for t, g in zip(total, grams[f])], weight, intercept)
@@ -178,15 +216,12 @@ def feature_refit(rep, folds=3, weights=PROBE_WEIGHTS):
         level = rep.level(0, clean_preds, probe_preds)
         log.info("feature refit at %s, probe weight %g: agreement %.2f%%, probe success %s (cross-validated)",
                  where.layer.id, weight, 100 * level.agreement, ", ".join(f"{100 * s:.1f}%" for s in level.probe_success))
-        tried.append({"probe_weight": weight, **level.to_dict()})
+        tried.append({"layer": where.layer.id, "probe_weight": weight, **level.to_dict()})
         if best is None or cost(level) < best[0]:
             best = (cost(level), weight, level)
         if level.agreement < TARGET_AGREEMENT:  # heavier probe rows only lose more agreement: no better fit there
             break
-    _, weight, level = best
-    proto = fold_into(rep.ctx.proto, where, _solve(total, weight, intercept))
-    return proto, level, {**where.to_dict(), "probe_weight": weight, "ridge": RIDGE, "folds": k, "intercept": intercept,
-                          "inputs": int(total[0].shape[0] - 1), "rows": int(total[3]), "tried": tried}
+    return best + (total, intercept)
 
 
 def _grams(rep, where, pixels, pairs, fold, k, ones):
