@@ -100,7 +100,7 @@ def _refused(report, reason, found=True):
 def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD, layers="last", max_drop=DEFAULT_MAX_DROP,
                          force=False, always=False, device="auto", threads=None, batch_size=64, limit=None,
                          preprocess=None, targets=None, ridge=None, rep=None, min_images=1, check=True,
-                         min_agreement=MIN_AGREEMENT, clip=True, deeper=True, unclipped=None):
+                         min_agreement=MIN_AGREEMENT, clip=True, deeper=True, unclipped=None, sites=None):
     """``scanner sanitize --probe``: repair with known probes. Returns (report, repaired proto or None, found).
 
     ``model`` is a path or a ModelContext; ``rep`` an already measured :class:`Repair` (then ``model``, ``data``
@@ -112,7 +112,7 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
     ``deeper`` (with ``--method refit``): where the head refit leaves a probe working or cannot keep the agreement,
     try the feature refit (:mod:`scanner.repair.feature`) of the model before any clipping (``unclipped``: a function
     giving its Repair, when the caller clipped ``rep``'s model; called only then) and keep whichever does better,
-    cross-validated."""
+    cross-validated; ``sites``: the layer ids the feature refit may be fitted at, default every one it walks)."""
     if method not in METHODS + ("none",):
         raise ScannerError(f"--method must be one of {', '.join(METHODS)}")
     if output is not None:
@@ -153,7 +153,7 @@ def sanitize_with_probes(model, data, probes, output=None, method=DEFAULT_METHOD
         if method == "refit" and deeper and _wants_deeper(after):
             # on the model before any clipping: the clipping's Min / Max would stop the correction's path
             plain = unclipped() if unclipped is not None else plain
-            base, feature, after, weight, bias = _feature_refit(plain, after, weight, bias)
+            base, feature, after, weight, bias = _feature_refit(plain, after, weight, bias, sites)
             if feature["chosen"]:
                 fit = None  # the head refit's settings only where it is the repair
                 if plain is not rep and clip_entry is not None:
@@ -196,11 +196,12 @@ def _wants_deeper(level):
     return cost(level)[0] == 1 or max(level.probe_success or [0.0]) > NO_EFFECT
 
 
-def _feature_refit(rep, head_level, weight, bias):
-    """(base proto or None, report entry, level, head weight, head bias): the feature refit's model when it does
-    better than the head refit (:func:`scanner.repair.refit.cost`, both cross-validated), else the head refit's."""
+def _feature_refit(rep, head_level, weight, bias, sites=None):
+    """(base proto or None, report entry, level, head weight, head bias): the feature refit's model (at one of
+    ``sites``, default any) when it does better than the head refit (:func:`scanner.repair.refit.cost`, both
+    cross-validated), else the head refit's."""
     try:
-        proto, level, fit = feature_refit(rep)
+        proto, level, fit = feature_refit(rep, only=sites)
     except ScannerError as exc:
         log.warning("feature refit not tried: %s", exc)
         return None, {"chosen": False, "reason": str(exc)}, head_level, weight, bias
@@ -251,7 +252,8 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
     still stands out joins the probes, for up to ``rounds`` refits (each chooses its ridge by cross-validation,
     :func:`scanner.repair.refit.refit`). All of it is bounded by query budgets, not by the clock: the same model,
     data and seed give the same result on any machine (``config.budget`` seconds is a safety cap on each search).
-    ``deeper``: each refit may be the feature refit of the model before its clipping (see :func:`sanitize_with_probes`).
+    ``deeper``: each refit may be the feature refit of the model before its clipping (see :func:`sanitize_with_probes`);
+    its walk over sites is done in the first round, later rounds fit it at the site that walk found best.
     """
     started = time.perf_counter()
     cfg = config or Config()
@@ -310,7 +312,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
             more += _relocated(synth, cand)
         spread |= {id(v) for v in more} if id(cand) in spread else set()
         probes += more
-    rounds_log, best, clip_entry = [], None, None
+    rounds_log, best, clip_entry, sites = [], None, None, None
     targets = sorted({c.target for c in probes})
     original = work
     if clip:  # every layer held under its clean peaks first: the refit then has less of the backdoor to undo
@@ -334,7 +336,10 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
             plain = partial(Repair, original, images, rep.probes, "last", batch_size, limit, rep.targets, holdout=held,
                             sources=rep.sources, untargeted=rep.untargeted)
         rep_report, proto, _ = sanitize_with_probes(work, images, None, None, "refit", rep=rep, check=False, clip=False,
-                                                    deeper=deeper, unclipped=plain)
+                                                    deeper=deeper, unclipped=plain, sites=sites)
+        walked = rep_report["rule"]["feature_refit"] or {}
+        if sites is None and walked.get("layer"):  # later rounds refit at the site the first walk found best
+            sites = [walked["layer"]]
         fit = rep_report["rule"]["refit"] or rep_report["rule"]["feature_refit"]
         ridge = fit["ridge"]
         log.info("refit round %d (%s, ridge %g, probe weight %g): agreement %.2f%%, synthesized trigger success %.2f%% "

@@ -28,6 +28,7 @@ from scanner.errors import ScannerError
 from scanner.graph import surgery
 from scanner.graph.layers import GraphIndex, bn_scale
 from scanner.repair.refit import TARGET_AGREEMENT, cost
+from scanner.repair.verify import NO_EFFECT
 
 log = logging.getLogger("scanner")
 
@@ -156,15 +157,17 @@ def outputs(site, a):
     return a.transpose(0, 2, 3, 1).reshape(-1, a.shape[1]).astype(np.float32)
 
 
-def feature_refit(rep, folds=3, weights=PROBE_WEIGHTS, sites=SITES):
+def feature_refit(rep, folds=3, weights=PROBE_WEIGHTS, sites=SITES, only=None):
     """Fit and fold the feature correction of ``rep``'s model from its clean images and paired trigger probes, at
-    each of the last ``sites`` feature layers (:func:`site_layers`), and keep the best (:func:`cost`, cross-validated).
+    each of the last ``sites`` feature layers (:func:`site_layers`; ``only``: those of these layer ids), and keep the
+    best (:func:`cost`, cross-validated). The walk stops at the first site that stops every probe (at most
+    NO_EFFECT) at the agreement target: a site further back could only lower a probe that has no effect left.
 
     Returns (proto, cross-validated :class:`scanner.repair.prune.Level`, fit entry: the kept site and weight, every
     site and weight tried, the layers no site could be made at and why); raises ScannerError when the model has no
     site or no paired trigger probe."""
     pairs = [i for i, p in enumerate(rep.probes) if p.trigger is not None and rep.paired(i)]
-    layers = site_layers(rep.ctx, sites)
+    layers = [l for l in site_layers(rep.ctx, sites) if only is None or l.id in only]
     if not layers:
         raise ScannerError("no layer for the feature refit: no Conv, Gemm or MatMul layer before the head")
     if not pairs:
@@ -182,11 +185,14 @@ def feature_refit(rep, folds=3, weights=PROBE_WEIGHTS, sites=SITES):
         found = _fit_site(rep, where, pixels, pairs, fold, k, weights, tried)
         if best is None or found[0] < best[0]:
             best = found + (where,)
+        if best[0][0] == 0 and best[0][1] <= NO_EFFECT:
+            break
     if best is None:
         raise ScannerError("no layer for the feature refit: " + "; ".join(f"{e['layer']}: {e['reason']}" for e in skipped))
     _, weight, level, total, intercept, where = best
     proto = fold_into(rep.ctx.proto, where, _solve(total, weight, intercept))
-    log.info("feature refit kept at %s, probe weight %g (of %d site(s))", where.layer.id, weight, len(layers) - len(skipped))
+    log.info("feature refit kept at %s, probe weight %g (%d site(s) tried)", where.layer.id, weight,
+             len({e["layer"] for e in tried}))
     return proto, level, {**where.to_dict(), "probe_weight": weight, "ridge": RIDGE, "folds": k, "intercept": intercept,
                           "inputs": int(total[0].shape[0] - 1), "rows": int(total[3]), "tried": tried,
                           "sites_skipped": skipped}
