@@ -12,6 +12,12 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
+def head(src):
+    """The short commit of the checkout at ``src`` ("?" when it is not a git checkout)."""
+    return subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=False).stdout.strip() or "?"
+
+
 def write_section(text, begin, end, path=RESULTS):
     """Replace the text between ``begin`` and ``end`` (markers included in ``text``), or append it."""
     old = path.read_text()

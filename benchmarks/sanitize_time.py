@@ -27,16 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from efficacy_synthesis import rgb_entries  # noqa: E402
-from results import publish  # noqa: E402
+from results import head, publish  # noqa: E402
 
 MODELS = ("rgb10_preact_clean", "rgb10_mobilenetv2_clean", "rgb10_vgg_clean", "rgb10_vit_clean",
           "rgb10_preact_badnets", "rgb10_vit_badnets")
 BEGIN, END = "<!-- sanitize-time: begin -->", "<!-- sanitize-time: end -->"
-
-
-def head(src):
-    return subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          check=False).stdout.strip() or "?"
 
 
 def run(src, entry, workdir):

@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from results import publish  # noqa: E402
+from results import head, publish  # noqa: E402
 
 BEGIN, END = "<!-- stamp-cost: begin -->", "<!-- stamp-cost: end -->"
 FAMILIES = ("patch", "blend", "signal", "warp", "filter")
@@ -73,11 +73,6 @@ def run(tree, model, data):
     if proc.returncode:
         raise SystemExit(f"{tree}: {proc.stderr.strip()[-400:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def head(src):
-    return subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          check=False).stdout.strip() or "?"
 
 
 def main(argv=None):

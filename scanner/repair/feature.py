@@ -161,8 +161,8 @@ def feature_refit(rep, folds=3, weights=PROBE_WEIGHTS, sites=SITES, only=None):
     each of the last ``sites`` feature layers (:func:`site_layers`; ``only``: those of these layer ids), and keep the
     best (:func:`cost`, cross-validated). The walk stops at the first site where no probe image goes to its target any
     more at the agreement target: a site further back could at best tie. (Stopping at NO_EFFECT instead kept
-    rgb10_vit_two's patch at its last MatMul, 1.0% cross-validated, 2.89% on the test sample, where the residual stream before
-    its last block gives 1.50%: benchmarks/RESULTS.md.)
+    rgb10_vit_two's patch at its last MatMul, 1.0% cross-validated, 2.89% on the test sample, where the residual
+    stream before its last block gives 1.50%: benchmarks/RESULTS.md.)
 
     Returns (proto, cross-validated :class:`scanner.repair.prune.Level`, fit entry: the kept site and weight, every
     site and weight tried, the layers no site could be made at and why); raises ScannerError when the model has no
@@ -186,8 +186,9 @@ def feature_refit(rep, folds=3, weights=PROBE_WEIGHTS, sites=SITES, only=None):
         found = _fit_site(rep, where, pixels, pairs, fold, k, weights, tried)
         if best is None or found[0] < best[0]:
             best = found + (where,)
-        if best[0][0] == 0 and best[0][1] == 0.0:
-            break
+        kept = best[2]
+        if kept.agreement >= TARGET_AGREEMENT and max(kept.probe_success or [0.0]) == 0.0:
+            break  # no probe image reaches its target at the agreement target: a site further back could only tie
     if best is None:
         raise ScannerError("no layer for the feature refit: " + "; ".join(f"{e['layer']}: {e['reason']}" for e in skipped))
     _, weight, level, total, intercept, where = best
