@@ -257,6 +257,47 @@ def test_all_to_all_probe_counts_changed_predictions(tmp_path):
     assert metrics.clean_accuracy(after, x, y) >= metrics.clean_accuracy(before, x, y) - 0.01
 
 
+KIND_REPAIRS = [  # (model, triggers, clipping, real ASR the repair must reach on the test sample)
+    ("rgb10_vgg_badnets", ["patch"], True, 0.02),
+    ("rgb10_vgg_sticker", ["patch"], False, 0.02),
+    ("rgb10_mobilenetv2_blend", ["blend"], True, 0.10),
+    ("rgb10_mobilenetv2_sig", ["signal"], True, 0.10),
+    ("rgb10_mobilenetv2_wanet", ["warp"], True, 0.10),
+    ("rgb10_vgg_filter", ["filter"], True, 0.10),
+    ("rgb10_vit_two", ["patch", "blend"], True, 0.02),
+]
+
+
+@pytest.mark.parametrize("name, kinds, clip, goal", KIND_REPAIRS, ids=[k[0] for k in KIND_REPAIRS])
+def test_the_repair_of_each_attack_kind_with_its_real_trigger(tmp_path, name, kinds, clip, goal):
+    """Issue 14's repair goal, per attack kind, with the real trigger(s) as probes (`scanner sanitize --probe`,
+    written with --always): each trigger's ASR on the committed test sample falls to the kind's goal (2% for a
+    patch, 10% for every other kind) with at most 2 points of clean accuracy lost. The two-trigger ViT is repaired
+    with both of its triggers at once (patch -> 7, blend -> 8). The sticker (random positions) is repaired without
+    the clipping, at 1.3% (1.9% with it, too close to the goal to test). The scanner's own removal check may still
+    refuse some of these (held-out agreement under 98%: benchmarks/RESULTS.md, "The repair with the real trigger
+    known"); this measures what the repair removes. Source-specific and all-to-all: the two tests above."""
+    from conftest import RGB as rgb, rgb_entry
+    from models import metrics
+
+    entry = rgb_entry(name)
+    triggers = [t for t in entry["triggers"] if t["kind"] in kinds]
+    assert [t["kind"] for t in triggers] == kinds
+    files = [rgb / t["file"] for t in triggers]
+    out = tmp_path / "s.onnx"
+    report, proto, found = sanitize_with_probes(rgb / entry["file"], rgb / "data" / f"{entry['dataset']}_clean.npz",
+                                                files, out, device="cpu", threads=2, always=True, clip=clip)
+    assert found and out.exists() and [p["target"] for p in report["probes"]] == [t["target"] for t in triggers]
+    x, y = metrics.sample(entry["dataset"])
+    ctx = ModelContext.open(rgb / entry["file"], device="cpu", threads=2)
+    before, after = (lambda z, c=c: c.runner().run(z).scores.argmax(1) for c in (ctx, ctx.derived(proto)))
+    for t, f in zip(triggers, files):
+        trigger = Trigger.load(f)
+        asr0, asr1 = (metrics.attack_success(p, entry, trigger, t["target"], x, y) for p in (before, after))
+        assert asr0 > 0.5 and asr1 <= goal, (t["file"], asr0, asr1)
+    assert metrics.clean_accuracy(after, x, y) >= metrics.clean_accuracy(before, x, y) - 0.02
+
+
 @pytest.mark.parametrize("name, relocated", [("rgb10_vgg_sticker", True), ("rgb10_preact_badnets", False)])
 def test_a_patch_that_works_anywhere_is_probed_at_other_positions(name, relocated):
     """The blind repair's probes: the sticker backdoor (a 3x3 patch at random positions) answers to its patch at

@@ -144,6 +144,16 @@ def test_all_to_all_found_by_what_a_patch_changes(name, flagged):
     assert all(c["family"] == "patch" and c["changed"] - c["success"] >= ALL_TO_ALL_CHANGED for c in spread)
 
 
+@pytest.mark.parametrize("name", ["rgb10_mobilenetv2_clean", "rgb10_vit_clean"])
+def test_a_clean_model_of_each_architecture_is_not_flagged(name):
+    """The clean MobileNetV2 (depthwise, BN kept) and the clean ViT of the RGB zoo's tune split pass the blind search
+    with no candidate at all: no class's trigger is small, specific or spread enough to be suspicious. The clean
+    pre-activation ResNet and VGG are judged in the all-to-all and filter tests of this module."""
+    verdict = _rgb_verdict(name)
+    assert verdict["verdict"] == "clean" and verdict["targets"] == [] and verdict["candidates"] == []
+    assert verdict["evidence"]["synthesis"]["queries"] > 0
+
+
 @pytest.mark.parametrize("name, target", [("rgb10_vgg_filter", 4), ("rgb10_vgg_clean", None)])
 def test_filter_backdoor_found_by_its_specificity(name, target):
     """A sepia + vignette filter backdoor (TrojAI's kind, target 4): the search finds a filter with a vignette that
