@@ -6,7 +6,8 @@ models/rgb/data/<dataset>_clean.npz and the real trigger as the probe (--always,
 the scanner's own removal check says NOT removed, and can be measured); then clean accuracy and the real trigger's
 ASR are measured on the committed 2,000-image test sample with models/metrics.py (the definitions of the manifest
 and tests/test_zoo_rgb.py). All-to-all models are probed with target (y + 1) left to the probe's dominant class, so
-the scanner repairs toward one class only; the row says so. Section between ``<!-- efficacy-probe-rgb: begin -->``
+the scanner repairs toward one class only; the row says so. A model with several triggers is also sanitized with all
+of them at once (one probe each, toward the class it pushes images to), one row per trigger. Section between ``<!-- efficacy-probe-rgb: begin -->``
 and ``<!-- efficacy-probe-rgb: end -->`` of benchmarks/RESULTS.md.
 
     python benchmarks/efficacy_probe_rgb.py [--models NAME ...] [--no-write]
@@ -37,8 +38,10 @@ ASR_GOAL = {"patch": 0.02}
 """Issue 14's ASR goals after the repair: patch-type triggers 2%, every other kind 10%."""
 
 
-def sanitize(model, data, trigger, target, clip, out, report_path):
-    cmd = [sys.executable, "-m", "scanner", "-q", "sanitize", str(model), "--data", str(data), "--probe", str(trigger),
+def sanitize(model, data, triggers, target, clip, out, report_path):
+    """``scanner sanitize --probe`` with the trigger files ``triggers`` (all given at once)."""
+    probes = [a for t in triggers for a in ("--probe", str(t))]
+    cmd = [sys.executable, "-m", "scanner", "-q", "sanitize", str(model), "--data", str(data), *probes,
            "-o", str(out), "--report", str(report_path), "--threads", str(THREADS), "--force", "--always"]
     cmd += ["--target", str(target)] if target is not None else []
     cmd += [] if clip else ["--no-clip"]
@@ -55,32 +58,39 @@ def rows_of(entry, workdir):
     x, y = metrics.sample(entry["dataset"])
     all_to_all = bool(entry.get("attack_params", {}).get("all_to_all"))
     rows = []
-    for t in entry["triggers"]:
-        trig = Trigger.load(RGB / t["file"])
-        acc0, (asr0,) = rgb_measure(model, entry, [(trig, t)], x, y)
+    # each trigger alone, then (a model with several) all of them at once, each probe toward its own class
+    groups = [[t] for t in entry["triggers"]] + ([entry["triggers"]] if len(entry["triggers"]) > 1 else [])
+    for group in groups:
+        trigs = [(Trigger.load(RGB / t["file"]), t) for t in group]
+        acc0, asrs0 = rgb_measure(model, entry, trigs, x, y)
         for clip in (True, False):
-            tag = f"{entry['name']}.{Path(t['file']).stem}.{'clip' if clip else 'noclip'}"
+            tag = f"{entry['name']}.{'+'.join(Path(t['file']).stem for t in group)}.{'clip' if clip else 'noclip'}"
             out, rpath = Path(workdir) / f"{tag}.onnx", Path(workdir) / f"{tag}.json"
-            rc, report, seconds, err = sanitize(model, data, RGB / t["file"], None if all_to_all else t["target"], clip,
-                                                out, rpath)
-            row = {"name": entry["name"], "attack": entry["attack"], "trigger": Path(t["file"]).stem, "kind": t["kind"],
-                   "target": "y+1" if all_to_all else t["target"], "clip": clip, "rc": rc, "seconds": seconds,
-                   "acc0": acc0, "asr0": asr0}
+            target = None if all_to_all or len(group) > 1 else group[0]["target"]
+            rc, report, seconds, err = sanitize(model, data, [RGB / t["file"] for t in group], target, clip, out, rpath)
             if report is None or not out.exists():
-                row.update(outcome=f"error (exit {rc})", error=err.strip().splitlines()[-1:] or [""])
+                common = dict(outcome=f"error (exit {rc})", error=err.strip().splitlines()[-1:] or [""])
+                asrs1, acc1 = [None] * len(group), None
                 print(f"{tag}: exit {rc}: {err.strip()[-300:]}", file=sys.stderr)
             else:
-                acc1, (asr1,) = rgb_measure(out, entry, [(trig, t)], x, y)
+                acc1, asrs1 = rgb_measure(out, entry, trigs, x, y)
                 removal = report.get("removal") or {}
                 feature = (report.get("rule") or {}).get("feature_refit") or {}
-                row.update(outcome=report["outcome"], agreement=removal.get("agreement"), acc1=acc1, asr1=asr1,
-                           chosen=(report.get("clip") or {}).get("chosen"),
-                           clip_used=(report.get("clip") or {}).get("used", True),
-                           repair="feature" if feature.get("chosen") else "head",
-                           feature_tried=bool(feature.get("tried")))
-            print(f"{tag}: {row.get('outcome')} ASR {pct(asr0)} -> {pct(row.get('asr1'))}, acc {pct(acc0)} -> "
-                  f"{pct(row.get('acc1'))}, {seconds:.1f}s", file=sys.stderr)
-            rows.append(row)
+                common = dict(outcome=report["outcome"], agreement=removal.get("agreement"), acc1=acc1,
+                              chosen=(report.get("clip") or {}).get("chosen"),
+                              clip_used=(report.get("clip") or {}).get("used", True),
+                              repair="feature" if feature.get("chosen") else "head",
+                              feature_tried=bool(feature.get("tried")))
+            for t, asr0, asr1 in zip(group, asrs0, asrs1):
+                row = {"name": entry["name"], "attack": entry["attack"], "kind": t["kind"],
+                       "trigger": Path(t["file"]).stem, "together": len(group) > 1,
+                       "target": "y+1" if all_to_all else t["target"], "clip": clip, "rc": rc, "seconds": seconds,
+                       "acc0": acc0, "asr0": asr0, **common}
+                if asr1 is not None:
+                    row["asr1"] = asr1
+                print(f"{tag}: {row.get('outcome')} ASR {pct(asr0)} -> {pct(row.get('asr1'))}, acc {pct(acc0)} -> "
+                      f"{pct(row.get('acc1'))}, {seconds:.1f}s", file=sys.stderr)
+                rows.append(row)
     return rows
 
 
@@ -98,7 +108,8 @@ def section(rows, argv, total):
              f"the end {load_average()}.",
              f"Command: `python benchmarks/efficacy_probe_rgb.py{' ' + shlex.join(argv) if argv else ''}` (each row: "
              f"`scanner sanitize MODEL --data models/rgb/data/<dataset>_clean.npz --probe TRIGGER --target T -o OUT "
-             f"--always --threads {THREADS}`, with and without `--no-clip`).",
+             f"--always --threads {THREADS}`, with and without `--no-clip`; a model with several triggers also gets "
+             f"them all at once, `--probe T1 --probe T2` without --target: each probe toward the class it pushes images to).",
              "The detection is left out: the real trigger is given, so this measures what the repair can remove. Clean "
              "accuracy and ASR are on the committed test sample (models/metrics.py). Goal (issue 14): ASR after <= 2% for a "
              "patch, <= 10% for every other kind, clean accuracy down by at most 2 points. \"clipping\": the percentile of "
@@ -112,7 +123,7 @@ def section(rows, argv, total):
         clip += "" if r.get("clip_used", True) or clip in ("no", "none") else " (unused)"
         refit = r.get("repair", "-") + (" (feature tried)" if r.get("repair") == "head" and r.get("feature_tried") else "")
         agree = pct(r.get("agreement")) if r.get("agreement") is not None else "-"
-        lines.append(f"| {r['name']} | {r['attack']} | {r['trigger']} ({r['kind']}) | {r['target']} | {clip} | {refit} | "
+        lines.append(f"| {r['name']} | {r['attack']} | {r['trigger']} ({r['kind']}){', all triggers at once' if r['together'] else ''} | {r['target']} | {clip} | {refit} | "
                      f"{r['outcome']} | {agree} | {pct(r['acc0'])} | {pct(r.get('acc1'))} | {pct(r['asr0'])} | "
                      f"{pct(r.get('asr1'))} | {r['seconds']:.1f} | {'yes' if meets(r) else 'NO'} |")
     for clip in (True, False):
