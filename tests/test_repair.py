@@ -257,6 +257,35 @@ def test_all_to_all_probe_counts_changed_predictions(tmp_path):
     assert metrics.clean_accuracy(after, x, y) >= metrics.clean_accuracy(before, x, y) - 0.01
 
 
+def test_a_later_round_takes_over_what_the_earlier_repair_measured():
+    """A blind repair's next round has the same model, images and held-out split and more probes: its Repair takes
+    over the clean and earlier probe measurements and measures only the new probes, with the same values a fresh
+    Repair measures; a Repair of other inputs or other probes is refused."""
+    from conftest import RGB, rgb_entry
+    from scanner.data.images import holdout_split
+    from scanner.data.probes import Probe
+
+    entry = rgb_entry("rgb10_preact_badnets")
+    ctx = ModelContext.open(RGB / entry["file"], threads=2)
+    images, held, _ = holdout_split(ImageSet(RGB / "data" / "rgb10_clean.npz", limit=120))
+    patch = Trigger.load(RGB / entry["triggers"][0]["file"])
+    blend = Trigger(kind="blend", image=np.full((32, 32, 3), 255.0, np.float32), alpha=0.3)
+    first = Repair(ctx, images, [Probe(trigger=patch)], targets=[0], holdout=held)
+    probes = [Probe(trigger=patch), Probe(trigger=blend)]
+    later = Repair(ctx, images, probes, targets=[0, 0], holdout=held, previous=first)
+    fresh = Repair(ctx, images, probes, targets=[0, 0], holdout=held)
+    assert later.clean is first.clean and later.probed[0] is first.probed[0] and later.probed[1] is not None
+    for a, b in zip([later.clean] + later.probed, [fresh.clean] + fresh.probed):
+        np.testing.assert_array_equal(a.preds, b.preds)
+        np.testing.assert_array_equal(a.stats.mean("linf"), b.stats.mean("linf"))
+        np.testing.assert_array_equal(a.kept[ctx.head.input], b.kept[ctx.head.input])
+    assert later.base.to_dict() == fresh.base.to_dict()
+    with pytest.raises(ValueError, match="probe"):
+        Repair(ctx, images, [Probe(trigger=blend)], targets=[0], holdout=held, previous=first)
+    with pytest.raises(ValueError, match="other inputs"):
+        Repair(ctx, images, probes, targets=[0, 0], holdout=None, previous=first)
+
+
 KIND_REPAIRS = [  # (model, triggers, clipping, real ASR the repair must reach on the test sample)
     ("rgb10_vgg_badnets", ["patch"], True, 0.02),
     ("rgb10_vgg_sticker", ["patch"], False, 0.02),
@@ -351,6 +380,34 @@ def test_feature_site_folds_a_change_through_the_batch_norm():
     got = changed.runner(features=(where.read,)).run(pixels, flatten=False).features[where.read]
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
     assert _ops(changed.proto) == _ops(ctx.proto)
+
+
+def test_feature_sites_share_a_pass_over_the_images_with_the_same_grams():
+    """The walk reads the tensors of several sites in one pass over the images (grouped by the memory of their
+    grams, the last layer alone first); each site's least squares is the same as from a pass of its own."""
+    from conftest import RGB, rgb_entry
+    from scanner.data.probes import Probe
+    from scanner.repair.feature import _gram_bytes, _grams, _passes, site, site_layers
+
+    entry = rgb_entry("rgb10_vit_two")
+    t = entry["triggers"][1]
+    ctx = ModelContext.open(RGB / entry["file"], threads=2)
+    rep = Repair(ctx, RGB / "data" / "rgb10_clean.npz", [Probe(trigger=Trigger.load(RGB / t["file"]))], limit=96,
+                 targets=[t["target"]])
+    wheres = [w for w, _ in (site(ctx, l) for l in site_layers(ctx)) if w is not None]
+    assert len(wheres) >= 3
+    groups = _passes(rep, wheres, 3)
+    assert groups[0] == wheres[:1] and [w for g in groups for w in g] == wheres and len(groups) == 2
+    one = _passes(rep, wheres, 3, budget=3 * min(_gram_bytes(rep, w) for w in wheres[1:]) - 1)
+    assert [len(g) for g in one] == [1] * len(wheres)  # a budget under any two sites' grams: a pass each
+    pixels = rep.clean_set.load_all(rep.pre).pixels
+    fold = np.arange(len(pixels)) % 3
+    shared = _grams(rep, wheres[1:3], pixels, [0], fold, 3)
+    for where, together in zip(wheres[1:3], shared):
+        (alone,) = _grams(rep, [where], pixels, [0], fold, 3)
+        for f in range(3):
+            for a, b in zip(alone[f], together[f]):
+                np.testing.assert_array_equal(a, b)
 
 
 def test_feature_refit_stops_a_signal_the_head_refit_cannot():

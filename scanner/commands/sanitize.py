@@ -319,12 +319,15 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
         clipped, clip_entry = clip_model(work, pixels, [(c.trigger(result.color), c.target) for c in probes], queries)
         if clipped is not None:
             work = work.derived(clipped)
+    reference = original if clip_entry and clip_entry["chosen"] is not None else None
+    earlier = {}  # the last round's Repairs: a round only adds probes, so what they measured is not measured again
     for r in range(max(1, rounds)):
         round_started = time.perf_counter()
         rep = Repair(work, images, [Probe(trigger=c.trigger(result.color), source=f"synthesized:{c.describe()}") for c in probes],
-                     "last", batch_size, limit, [c.target for c in probes], holdout=held,
-                     reference=original if clip_entry and clip_entry["chosen"] is not None else None,
-                     sources=[None] * len(probes), untargeted=[id(c) in spread for c in probes])
+                     "last", batch_size, limit, [c.target for c in probes], holdout=held, reference=reference,
+                     sources=[None] * len(probes), untargeted=[id(c) in spread for c in probes],
+                     previous=earlier.get("work"))
+        earlier["work"] = rep
         if max(rep.base.probe_success) <= NO_EFFECT:  # no synthesized trigger has an effect left on the model to
             # repair (after a graph cut or the clipping): nothing to refit
             rep_report, proto, _ = sanitize_with_probes(work, images, None, None, "none", rep=rep, check=False, clip=False)
@@ -333,8 +336,7 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
             break
         plain = None
         if deeper and work is not original:  # the feature refit corrects the model before the clipping
-            plain = partial(Repair, original, images, rep.probes, "last", batch_size, limit, rep.targets, holdout=held,
-                            sources=rep.sources, untargeted=rep.untargeted)
+            plain = partial(_unclipped_repair, earlier, original, images, rep, batch_size, limit, held)
         rep_report, proto, _ = sanitize_with_probes(work, images, None, None, "refit", rep=rep, check=False, clip=False,
                                                     deeper=deeper, unclipped=plain, sites=sites)
         walked = rep_report["rule"]["feature_refit"] or {}
@@ -383,6 +385,14 @@ def sanitize_blind(model, data, output=None, force=False, always=False, device="
         proto = None
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report, proto, found
+
+
+def _unclipped_repair(earlier, original, images, rep, batch_size, limit, held):
+    """The Repair of the model before its clipping with ``rep``'s probes, targets, sources and kinds, taking over what
+    the last round's (``earlier["plain"]``) measured; it becomes that."""
+    earlier["plain"] = Repair(original, images, rep.probes, "last", batch_size, limit, rep.targets, holdout=held,
+                              sources=rep.sources, untargeted=rep.untargeted, previous=earlier.get("plain"))
+    return earlier["plain"]
 
 
 def _unclipped_chosen(rep_report, work, original):

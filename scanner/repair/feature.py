@@ -40,6 +40,8 @@ MAX_INPUTS = 2048
 tap only (a 1x1 change of its weights): the gram stays (channels + 1)^2."""
 SITES = 6
 """Feature layers, from the last before the head back, where the correction is fitted and cross-validated."""
+GRAM_BYTES = 512 << 20
+"""Bytes of float64 grams (all folds) that the sites sharing one pass over the images may fill (see :func:`_passes`)."""
 AFFINE = ("Add", "Sub", "Mul", "Div", "BatchNormalization")
 """Ops between the layer and its site: a per-channel scale and shift (or a residual join, which adds)."""
 
@@ -176,14 +178,20 @@ def feature_refit(rep, folds=3, weights=PROBE_WEIGHTS, sites=SITES, only=None):
     pixels = rep.clean_set.load_all(rep.pre).pixels
     n, k = len(pixels), max(2, folds)
     fold = np.arange(n) % k
-    best, tried, skipped = None, [], []
+    best, tried, skipped, wheres = None, [], [], []
     for layer in layers:
         where, why = site(rep.ctx, layer)
         if where is None:
             log.info("feature refit: no site at %s (%s)", layer.id, why)
             skipped.append({"layer": layer.id, "reason": why})
-            continue
-        found = _fit_site(rep, where, pixels, pairs, fold, k, weights, tried)
+        else:
+            wheres.append(where)
+    passes, grams = _passes(rep, wheres, k), {}
+    for where in wheres:
+        if where.layer.id not in grams:  # one pass over the images for this site and the next ones of its group
+            group = next(g for g in passes if where in g)
+            grams.update(zip((w.layer.id for w in group), _grams(rep, group, pixels, pairs, fold, k)))
+        found = _fit_site(rep, where, grams.pop(where.layer.id), pixels, pairs, fold, k, weights, tried)
         if best is None or found[0] < best[0]:
             best = found + (where,)
         kept = best[2]
@@ -200,11 +208,15 @@ def feature_refit(rep, folds=3, weights=PROBE_WEIGHTS, sites=SITES, only=None):
                           "sites_skipped": skipped}
 
 
-def _fit_site(rep, where, pixels, pairs, fold, k, weights, tried):
-    """(cost, weight, level, summed grams, intercept) of the best probe weight at site ``where``, cross-validated
-    over the ``k`` folds; each weight's result is appended to ``tried``."""
-    intercept = surgery.has_bias(rep.ctx.proto, where.layer)  # a MatMul without bias Add gets no bias either
-    grams = _grams(rep, where, pixels, pairs, fold, k, 1.0 if intercept else 0.0)
+def _intercept(rep, where):
+    """Whether the correction at ``where`` may change the bias (a MatMul without a bias Add gets none)."""
+    return surgery.has_bias(rep.ctx.proto, where.layer)
+
+
+def _fit_site(rep, where, grams, pixels, pairs, fold, k, weights, tried):
+    """(cost, weight, level, summed grams, intercept) of the best probe weight at site ``where`` (its per-fold
+    ``grams``), cross-validated over the ``k`` folds; each weight's result is appended to ``tried``."""
+    intercept = _intercept(rep, where)
     total = [sum(g[j] for g in grams) for j in range(4)]
     best = None
     for weight in weights:
@@ -232,33 +244,61 @@ def _fit_site(rep, where, pixels, pairs, fold, k, weights, tried):
     return best + (total, intercept)
 
 
-def _grams(rep, where, pixels, pairs, fold, k, ones):
-    """Per fold of images: [clean gram, probe gram, probe right-hand side, clean rows] of the least squares (each
-    batch's products in float32, summed in float64)."""
-    runner = rep.ctx.runner(features=(where.input, where.read), batch_size=rep.batch_size)
-    grams = None
+def _gram_bytes(rep, where):
+    """Bytes of one site's grams over all folds (float64): two square ones of its rows' inputs and the right-hand side."""
+    weight, _ = surgery.linear_weights(rep.ctx.proto, where.layer)  # (channels, inputs)
+    inputs = weight.shape[1] // (int(np.prod(where.geometry[0])) if where.geometry is not None and where.geometry[3] else 1)
+    return 8 * (inputs + 1) * (2 * (inputs + 1) + weight.shape[0])
+
+
+def _passes(rep, wheres, k, budget=GRAM_BYTES):
+    """The sites grouped into passes over the images: the first site alone (the walk ends there when it stops every
+    probe), then the next ones together while their ``k`` folds' grams fit ``budget`` bytes. One pass reads all of its
+    sites' tensors: the walk over a ViT's six sites ran 1.5x faster in one pass than in six, with the same fits."""
+    if not wheres:
+        return []
+    out, group, used = [[wheres[0]]], [], 0
+    for w in wheres[1:]:
+        b = k * _gram_bytes(rep, w)
+        if group and used + b > budget:
+            out.append(group)
+            group, used = [], 0
+        group.append(w)
+        used += b
+    return out + ([group] if group else [])
+
+
+def _grams(rep, wheres, pixels, pairs, fold, k):
+    """Per site of ``wheres`` (one pass over the images for all of them), per fold of images: [clean gram, probe
+    gram, probe right-hand side, clean rows] of the least squares (each batch's products in float32, summed in
+    float64)."""
+    names = tuple(dict.fromkeys(t for w in wheres for t in (w.input, w.read)))
+    runner = rep.ctx.runner(features=names, batch_size=rep.batch_size)
+    ones = [1.0 if _intercept(rep, w) else 0.0 for w in wheres]
+    grams = [None] * len(wheres)
     for s in range(0, len(pixels), rep.batch_size):
         chunk = pixels[s : s + rep.batch_size]
         clean = runner.run(chunk, norms=False, flatten=False).features
-        zc = _with_ones(rows(where, clean[where.input]), ones)
-        ac = outputs(where, clean[where.read])
-        which = np.repeat(fold[s : s + len(chunk)], len(zc) // len(chunk))
-        if grams is None:
-            d = zc.shape[1]
-            grams = [[np.zeros((d, d)), np.zeros((d, d)), np.zeros((d, ac.shape[1])), 0] for _ in range(k)]
-        for f, g in enumerate(grams):
-            zf = zc[which == f]
-            g[0] += zf.T @ zf
-            g[3] += len(zf)
-        for i in pairs:
-            probed = runner.run(rep.probes[i].trigger.apply(chunk, color=rep.pre.color, start=s), norms=False,
-                                flatten=False).features
-            zt = _with_ones(rows(where, probed[where.input]), ones)
-            delta = ac - outputs(where, probed[where.read])
-            for f, g in enumerate(grams):
-                m = which == f
-                g[1] += zt[m].T @ zt[m]
-                g[2] += zt[m].T @ delta[m]
+        probed = [runner.run(rep.probes[i].trigger.apply(chunk, color=rep.pre.color, start=s), norms=False,
+                             flatten=False).features for i in pairs]
+        for j, where in enumerate(wheres):
+            zc = _with_ones(rows(where, clean[where.input]), ones[j])
+            ac = outputs(where, clean[where.read])
+            which = np.repeat(fold[s : s + len(chunk)], len(zc) // len(chunk))
+            if grams[j] is None:
+                d = zc.shape[1]
+                grams[j] = [[np.zeros((d, d)), np.zeros((d, d)), np.zeros((d, ac.shape[1])), 0] for _ in range(k)]
+            for f, g in enumerate(grams[j]):
+                zf = zc[which == f]
+                g[0] += zf.T @ zf
+                g[3] += len(zf)
+            for features in probed:
+                zt = _with_ones(rows(where, features[where.input]), ones[j])
+                delta = ac - outputs(where, features[where.read])
+                for f, g in enumerate(grams[j]):
+                    m = which == f
+                    g[1] += zt[m].T @ zt[m]
+                    g[2] += zt[m].T @ delta[m]
     return grams
 
 

@@ -66,10 +66,18 @@ class Repair:
     measured against its predictions and the refit fits its head scores (default: ``ctx``'s own). ``sources``: each
     probe's source classes (see :meth:`_sources`) and ``untargeted`` whether it is all-to-all (:meth:`_untargeted`),
     when an earlier Repair of the same images found them.
+
+    ``previous``: an earlier Repair of the same model context, ``data``, layers, held-out split and reference whose
+    probes are the first of ``probes`` (a blind repair's next round, with more probes): its clean, reference and
+    probe measurements are taken over instead of measured again (the same passes would give the same values).
     """
 
     def __init__(self, ctx, data, probes, layers="last", batch_size=64, limit=None, targets=None, labeled=None,
-                 min_images=1, holdout=HOLDOUT_FRACTION, reference=None, sources=None, untargeted=None):
+                 min_images=1, holdout=HOLDOUT_FRACTION, reference=None, sources=None, untargeted=None, previous=None):
+        self._made_of = (ctx, data, layers, batch_size, limit, labeled, holdout, reference)
+        same = lambda a, b: a is b or (isinstance(a, (str, int, float)) and a == b)  # noqa: E731
+        if previous is not None and not all(same(a, b) for a, b in zip(previous._made_of, self._made_of)):
+            raise ValueError("Repair(previous=...): an earlier Repair of other inputs")
         self.ctx = ctx
         self.model, self.pre = ctx.model, ctx.preprocess
         self.clean_set = data if not isinstance(data, (str, bytes)) and hasattr(data, "batches") else ImageSet(
@@ -85,14 +93,21 @@ class Repair:
             if p.images is not None:
                 p.images = cached(p.images, self.pre)
         self._hold_out(holdout)
-        self.clean = measure(self.runner, self.clean_set, label="clean", keep=self._keep())
-        self.reference = self.clean
-        if reference is not None:
+        if previous is not None:
+            self.clean, self.reference = previous.clean, previous.reference
+        else:
+            self.clean = measure(self.runner, self.clean_set, label="clean", keep=self._keep())
+            self.reference = self.clean
+        if reference is not None and previous is None:
             keep = (self.head.read,) if self.head is not None else ()
             self.reference = measure(reference.runner(features=keep, batch_size=batch_size), self.clean_set,
                                      norms=False, keep=keep, label="reference")
         self.labels = self.clean.labels
-        self.probed = [self._measure_probe(p) for p in self.probes]
+        known = [] if previous is None else previous.probed
+        for p, q in zip(self.probes, previous.probes if previous is not None else []):
+            if p.describe() != q.describe():
+                raise ValueError(f"Repair(previous=...): probe {p.describe()} where the earlier Repair had {q.describe()}")
+        self.probed = known[: len(self.probes)] + [self._measure_probe(p) for p in self.probes[len(known) :]]
         self.targets = list(targets) if targets is not None else [self._dominant(m) for m in self.probed]
         self.untargeted = (list(untargeted) if untargeted is not None else
                            [self._untargeted(i, m.preds) for i, m in enumerate(self.probed)])
