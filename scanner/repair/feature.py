@@ -11,7 +11,8 @@ scale of the ops between the layer and the site: the graph keeps its operators.
 
 The fit is tried at each of the last SITES feature layers, the last first, and the best of them all is kept: where a
 trigger is best corrected depends on the network (a ViT's patch and blend triggers are corrected in the residual
-stream before its last block, not after it; a ResNet's at its last conv: benchmarks/RESULTS.md).
+stream before its last block, not after it; a ResNet's at its last conv: benchmarks/RESULTS.md). The sites after
+the last are read in one shared pass over the images, as far as their grams fit GRAM_BYTES.
 
 The probe rows' weight is chosen by k-fold cross-validation over images, each fold predicted by a model fitted
 without it (a repaired copy run through onnxruntime): the lowest probe success among the weights that keep
