@@ -98,10 +98,10 @@ class Repair:
         else:
             self.clean = measure(self.runner, self.clean_set, label="clean", keep=self._keep())
             self.reference = self.clean
-        if reference is not None and previous is None:
-            keep = (self.head.read,) if self.head is not None else ()
-            self.reference = measure(reference.runner(features=keep, batch_size=batch_size), self.clean_set,
-                                     norms=False, keep=keep, label="reference")
+            if reference is not None:
+                keep = (self.head.read,) if self.head is not None else ()
+                self.reference = measure(reference.runner(features=keep, batch_size=batch_size), self.clean_set,
+                                         norms=False, keep=keep, label="reference")
         self.labels = self.clean.labels
         known = [] if previous is None else previous.probed
         for p, q in zip(self.probes, previous.probes if previous is not None else []):
