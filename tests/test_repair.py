@@ -396,14 +396,15 @@ def test_feature_sites_share_a_pass_over_the_images_with_the_same_grams():
                  targets=[t["target"]])
     wheres = [w for w, _ in (site(ctx, l) for l in site_layers(ctx)) if w is not None]
     assert len(wheres) >= 3
-    groups = _passes(rep, wheres, 3)
+    groups = _passes(wheres, 3)
     assert groups[0] == wheres[:1] and [w for g in groups for w in g] == wheres and len(groups) == 2
-    one = _passes(rep, wheres, 3, budget=3 * min(_gram_bytes(rep, w) for w in wheres[1:]) - 1)
+    one = _passes(wheres, 3, budget=3 * min(_gram_bytes(w) for w in wheres[1:]) - 1)
     assert [len(g) for g in one] == [1] * len(wheres)  # a budget under any two sites' grams: a pass each
     pixels = rep.clean_set.load_all(rep.pre).pixels
     fold = np.arange(len(pixels)) % 3
     shared = _grams(rep, wheres[1:3], pixels, [0], fold, 3)
     for where, together in zip(wheres[1:3], shared):
+        assert together[0][0].shape == (where.inputs + 1,) * 2  # the size _passes plans with
         (alone,) = _grams(rep, [where], pixels, [0], fold, 3)
         for f in range(3):
             for a, b in zip(alone[f], together[f]):

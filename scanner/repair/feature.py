@@ -49,11 +49,14 @@ AFFINE = ("Add", "Sub", "Mul", "Div", "BatchNormalization")
 
 class Site:
     """Where the feature refit corrects a model: the layer, the tensor it reads (``input``), the tensor where its
-    output enters the activation (``read``), and the per-channel scale from the layer's output to there."""
+    output enters the activation (``read``), and the per-channel scale from the layer's output to there; ``inputs``
+    per row of its least squares, and whether the correction may change the bias (``intercept``: a MatMul without a
+    bias Add gets none)."""
 
-    def __init__(self, layer, read, scale, path, geometry):
+    def __init__(self, layer, read, scale, path, geometry, inputs, intercept):
         self.layer, self.input, self.read, self.scale, self.path = layer, layer.input, read, scale, path
         self.geometry = geometry  # Conv: (kernel, strides, pads, centre only); None for a Gemm / MatMul
+        self.inputs, self.intercept = int(inputs), bool(intercept)
 
     def to_dict(self):
         d = {"layer": self.layer.id, "op_type": self.layer.op_type, "input": self.input, "site": self.read,
@@ -81,9 +84,8 @@ def site(ctx, layer=None):
     node = gi.nodes[gi.by_name[layer.node]]
     if not layer.input or gi.const(layer.input) is not None:
         return None, f"layer {layer.id} reads no image-dependent tensor"
-    geometry = None
+    geometry, w = None, gi.const(node.input[1])
     if layer.op_type == "Conv":
-        w = gi.const(node.input[1])
         if gi.attr(node, "group", 1) != 1 or w is None or w.ndim != 4:
             return None, f"layer {layer.id} is a grouped or non-2D conv"
         if list(gi.attr(node, "dilations", [1, 1])) != [1, 1] or gi.attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
@@ -91,8 +93,11 @@ def site(ctx, layer=None):
         kernel = tuple(int(k) for k in w.shape[2:])
         centre = w.shape[1] * kernel[0] * kernel[1] > MAX_INPUTS
         geometry = (kernel, tuple(gi.attr(node, "strides", [1, 1])), tuple(gi.attr(node, "pads", [0, 0, 0, 0])), centre)
+        inputs = w.shape[1] * (1 if centre else kernel[0] * kernel[1])
     elif layer.op_type == "Gemm" and (gi.attr(node, "transA", 0) or gi.attr(node, "alpha", 1.0) == 0):
         return None, f"layer {layer.id} is a transposed-input Gemm"
+    else:  # a Gemm / MatMul layer's weight is a constant matrix (scanner.graph.layers): (in, out), or (out, in)
+        inputs = w.shape[1] if layer.op_type == "Gemm" and gi.attr(node, "transB", 0) else w.shape[0]
     scale = np.ones(layer.channels)
     cur, path = node.output[0], []
     while True:
@@ -105,7 +110,7 @@ def site(ctx, layer=None):
             break
         scale, cur = scale * factor, nxt.output[0]
         path.append(nxt.op_type)
-    return Site(layer, cur, scale, path, geometry), None
+    return Site(layer, cur, scale, path, geometry, inputs, surgery.has_bias(ctx.proto, layer)), None
 
 
 def _affine(gi, node, slot, channels):
@@ -187,7 +192,7 @@ def feature_refit(rep, folds=3, weights=PROBE_WEIGHTS, sites=SITES, only=None):
             skipped.append({"layer": layer.id, "reason": why})
         else:
             wheres.append(where)
-    passes, grams = _passes(rep, wheres, k), {}
+    passes, grams = _passes(wheres, k), {}
     for where in wheres:
         if where.layer.id not in grams:  # one pass over the images for this site and the next ones of its group
             group = next(g for g in passes if where in g)
@@ -209,15 +214,10 @@ def feature_refit(rep, folds=3, weights=PROBE_WEIGHTS, sites=SITES, only=None):
                           "sites_skipped": skipped}
 
 
-def _intercept(rep, where):
-    """Whether the correction at ``where`` may change the bias (a MatMul without a bias Add gets none)."""
-    return surgery.has_bias(rep.ctx.proto, where.layer)
-
-
 def _fit_site(rep, where, grams, pixels, pairs, fold, k, weights, tried):
     """(cost, weight, level, summed grams, intercept) of the best probe weight at site ``where`` (its per-fold
     ``grams``), cross-validated over the ``k`` folds; each weight's result is appended to ``tried``."""
-    intercept = _intercept(rep, where)
+    intercept = where.intercept
     total = [sum(g[j] for g in grams) for j in range(4)]
     best = None
     for weight in weights:
@@ -245,14 +245,12 @@ def _fit_site(rep, where, grams, pixels, pairs, fold, k, weights, tried):
     return best + (total, intercept)
 
 
-def _gram_bytes(rep, where):
-    """Bytes of one site's grams over all folds (float64): two square ones of its rows' inputs and the right-hand side."""
-    weight, _ = surgery.linear_weights(rep.ctx.proto, where.layer)  # (channels, inputs)
-    inputs = weight.shape[1] // (int(np.prod(where.geometry[0])) if where.geometry is not None and where.geometry[3] else 1)
-    return 8 * (inputs + 1) * (2 * (inputs + 1) + weight.shape[0])
+def _gram_bytes(where):
+    """Bytes of one fold's grams of a site (float64): two square ones of its rows' inputs and the right-hand side."""
+    return 8 * (where.inputs + 1) * (2 * (where.inputs + 1) + where.layer.channels)
 
 
-def _passes(rep, wheres, k, budget=GRAM_BYTES):
+def _passes(wheres, k, budget=GRAM_BYTES):
     """The sites grouped into passes over the images: the first site alone (the walk ends there when it stops every
     probe), then the next ones together while their ``k`` folds' grams fit ``budget`` bytes. One pass reads all of its
     sites' tensors: the walk over a ViT's six sites ran 1.5x faster in one pass than in six, with the same fits."""
@@ -260,7 +258,7 @@ def _passes(rep, wheres, k, budget=GRAM_BYTES):
         return []
     out, group, used = [[wheres[0]]], [], 0
     for w in wheres[1:]:
-        b = k * _gram_bytes(rep, w)
+        b = k * _gram_bytes(w)
         if group and used + b > budget:
             out.append(group)
             group, used = [], 0
@@ -275,7 +273,7 @@ def _grams(rep, wheres, pixels, pairs, fold, k):
     float64)."""
     names = tuple(dict.fromkeys(t for w in wheres for t in (w.input, w.read)))
     runner = rep.ctx.runner(features=names, batch_size=rep.batch_size)
-    ones = [1.0 if _intercept(rep, w) else 0.0 for w in wheres]
+    ones = [1.0 if w.intercept else 0.0 for w in wheres]
     grams = [None] * len(wheres)
     for s in range(0, len(pixels), rep.batch_size):
         chunk = pixels[s : s + rep.batch_size]
