@@ -7,8 +7,8 @@ the scanner's own removal check says NOT removed, and can be measured); then cle
 ASR are measured on the committed 2,000-image test sample with models/metrics.py (the definitions of the manifest
 and tests/test_zoo_rgb.py). All-to-all models are probed with target (y + 1) left to the probe's dominant class, so
 the scanner repairs toward one class only; the row says so. A model with several triggers is also sanitized with all
-of them at once (one probe each, toward the class it pushes images to), one row per trigger. Section between ``<!-- efficacy-probe-rgb: begin -->``
-and ``<!-- efficacy-probe-rgb: end -->`` of benchmarks/RESULTS.md.
+of them at once (one probe each, toward the class it pushes images to), one row per trigger. Section between
+``<!-- efficacy-probe-rgb: begin -->`` and ``<!-- efficacy-probe-rgb: end -->`` of benchmarks/RESULTS.md.
 
     python benchmarks/efficacy_probe_rgb.py [--models NAME ...] [--no-write]
 """
@@ -70,7 +70,7 @@ def rows_of(entry, workdir):
             rc, report, seconds, err = sanitize(model, data, [RGB / t["file"] for t in group], target, clip, out, rpath)
             if report is None or not out.exists():
                 common = dict(outcome=f"error (exit {rc})", error=err.strip().splitlines()[-1:] or [""])
-                asrs1, acc1 = [None] * len(group), None
+                asrs1 = [None] * len(group)
                 print(f"{tag}: exit {rc}: {err.strip()[-300:]}", file=sys.stderr)
             else:
                 acc1, asrs1 = rgb_measure(out, entry, trigs, x, y)
@@ -123,7 +123,8 @@ def section(rows, argv, total):
         clip += "" if r.get("clip_used", True) or clip in ("no", "none") else " (unused)"
         refit = r.get("repair", "-") + (" (feature tried)" if r.get("repair") == "head" and r.get("feature_tried") else "")
         agree = pct(r.get("agreement")) if r.get("agreement") is not None else "-"
-        lines.append(f"| {r['name']} | {r['attack']} | {r['trigger']} ({r['kind']}){', all triggers at once' if r['together'] else ''} | {r['target']} | {clip} | {refit} | "
+        trigger = f"{r['trigger']} ({r['kind']})" + (", all triggers at once" if r["together"] else "")
+        lines.append(f"| {r['name']} | {r['attack']} | {trigger} | {r['target']} | {clip} | {refit} | "
                      f"{r['outcome']} | {agree} | {pct(r['acc0'])} | {pct(r.get('acc1'))} | {pct(r['asr0'])} | "
                      f"{pct(r.get('asr1'))} | {r['seconds']:.1f} | {'yes' if meets(r) else 'NO'} |")
     for clip in (True, False):
