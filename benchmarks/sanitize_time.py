@@ -3,8 +3,9 @@
 Each round runs, per model, ``python -m scanner sanitize MODEL --data CLEAN -o OUT --report R --budget 0 --seed 0
 --threads 2`` once with this tree's package and once with the baseline's (``--baseline DIR``: a checkout of another
 commit, put first on PYTHONPATH), alternating which goes first. Whole processes, wall seconds; medians; the ratio
-is baseline wall / this tree's wall (> 1: faster now). The verdict, targets, outcome and query count of the two
-are compared (the same search gives the same numbers).
+is baseline wall / this tree's wall (> 1: faster now). The two trees' results are compared: the JSON reports but for
+their seconds and query counts (a change that only skips repeated work uses fewer queries for the same answers),
+and the written models' bytes.
 
     git worktree add /tmp/base COMMIT
     python benchmarks/sanitize_time.py --baseline /tmp/base [--models NAME ...] [--rounds 2] [--write-results]
@@ -12,6 +13,7 @@ are compared (the same search gives the same numbers).
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -50,8 +52,23 @@ def run(src, entry, workdir):
         raise SystemExit(f"{name} ({src}): exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
     r = json.loads(report.read_text())
     report.unlink()
+    out = Path(workdir) / f"{name}.onnx"
+    model = hashlib.sha256(out.read_bytes()).hexdigest()[:12] if out.exists() else None
+    if out.exists():
+        out.unlink()
+    text = json.dumps(_results(r), sort_keys=True)
     return seconds, {"verdict": r["verdict"], "targets": r["targets"], "outcome": r["outcome"],
-                     "queries": r["evidence"]["synthesis"]["queries"]}
+                     "queries": r["evidence"]["synthesis"]["queries"], "model": model,
+                     "report": hashlib.sha256(text.encode()).hexdigest()[:12]}
+
+
+def _results(report):
+    """``report`` without what depends on the clock or counts the work done: seconds and query counts."""
+    if isinstance(report, dict):
+        return {k: _results(v) for k, v in report.items() if k not in ("seconds", "queries", "queries_used")}
+    if isinstance(report, list):
+        return [_results(v) for v in report]
+    return report
 
 
 def main(argv=None):
@@ -82,15 +99,19 @@ def main(argv=None):
              f"the end {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f}. Command: `python benchmarks/sanitize_time.py "
              f"{' '.join(argv)}` ({args.rounds} interleaved rounds, medians of whole-process wall seconds; each "
              "`scanner sanitize MODEL --data CLEAN -o OUT --report R --budget 0 --seed 0 --threads 2`). \"same "
-             "result\": verdict, targets, outcome and search queries equal.", "",
-             "| model | baseline s | now s | baseline / now | verdict (now) | outcome (now) | queries (now) | same result |",
-             "|---|---|---|---|---|---|---|---|"]
+             "result\": the verdict, targets and outcome, the whole JSON report but for its seconds and query "
+             "counts, and the bytes of the written model (when one is) are equal.", "",
+             "| model | baseline s | now s | baseline / now | verdict (now) | outcome (now) | queries (baseline) | "
+             "queries (now) | same result |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in args.models:
         b, n = float(np.median(walls[("baseline", name)])), float(np.median(walls[("now", name)]))
         f = facts[("now", name)]
-        same = "yes" if f == facts[("baseline", name)] else f"NO (baseline: {facts[('baseline', name)]})"
+        base = facts[("baseline", name)]
+        same = {k: f[k] == base[k] for k in ("verdict", "targets", "outcome", "report", "model")}
+        same = "yes" if all(same.values()) else "NO: " + ", ".join(k for k, v in same.items() if not v)
         lines.append(f"| {name} | {b:.1f} | {n:.1f} | {b / n:.2f} | {f['verdict']} {f['targets'] or ''} | "
-                     f"{f['outcome']} | {f['queries']:,} | {same} |")
+                     f"{f['outcome']} | {base['queries']:,} | {f['queries']:,} | {same} |")
     lines += ["", END]
     publish("\n".join(lines), BEGIN, END, args.write_results)
 

@@ -189,3 +189,51 @@ def test_stamps_go_into_one_reused_buffer_and_equal_fresh_stamps():
     assert np.array_equal(second, np.concatenate([c.stamp(x) for c in cands[7:14]]))
     with pytest.raises(ValueError, match="cannot go into"):
         cands[0].stamp(x, np.empty((15,) + x.shape[1:], np.float32))
+
+
+def _bisect_every_step(s, cands, x, pred):
+    """The calibration as it was before it skipped repeats: every candidate measured at every step."""
+    from scanner.detect.families import FAMILIES
+
+    fams = [FAMILIES[c.family] for c in cands]
+    lo, hi = np.array([f.floor for f in fams]), np.full(len(cands), np.nan)
+    top, trial = np.array([f.top(c) for f, c in zip(fams, cands)]), np.array([c.alpha for c in cands])
+    for _ in range(s.cfg.calib_steps):
+        tries = [c.copy(alpha=float(a)) for c, a in zip(cands, trial)]
+        s._evaluate(tries, x, pred)
+        works = np.array([t.success >= s.cfg.success for t in tries])
+        hi, lo = np.where(works, trial, hi), np.where(works, lo, trial)
+        trial = np.where(np.isnan(hi), np.where(lo >= top, top, np.minimum(trial * 1.6, top)),
+                         np.sqrt(lo * np.nan_to_num(hi, nan=1.0)))
+    return [float(a) if np.isfinite(a) else c.alpha for c, a in zip(cands, hi)]
+
+
+def test_calibration_does_not_measure_a_failed_strongest_trigger_again():
+    """A strength that failed at its family's strongest is not measured there again: the same strengths come out as
+    when every candidate is measured at every step, for fewer queries."""
+    from scanner.detect.families import Candidate
+
+    ctx = ModelContext.open(zoo_path("cnn_blend"), threads=2)
+    pixels = ImageSet(CLEAN, limit=300).load_all(ctx.preprocess).pixels
+    s = Synthesizer(search_runner(ctx), pixels, Config(seed=0, budget=None))
+    s._clean()
+    x, pred = s.x_val[:64], s.val_pred[:64]
+    target = zoo_entry("cnn_blend")["target"]
+    real = Trigger.load(zoo_path("cnn_blend").parent / "triggers" / "blend_random.json")
+    shape = x.shape[1:3]
+    pattern = np.asarray(real.image, np.float32).reshape(shape + (1,))
+    flat = np.full(shape + (1,), 127.0, np.float32)
+    cands = [Candidate("blend", target, pattern, alpha=0.05, shape=shape)]
+    cands += [Candidate("blend", k, flat, alpha=0.3, shape=shape) for k in range(10) if k != target]
+    cands += [Candidate("signal", k, np.ones(shape + (1,), np.float32), alpha=0.1, shape=shape) for k in (0, 1)]
+    strongest = [c.copy(alpha=1.0 if c.family == "blend" else 0.5) for c in cands]
+    s._evaluate(strongest, x, pred)
+    failed = sum(c.success < s.cfg.success for c in strongest)
+    assert 0 < failed < len(cands), "some, not all, must fail at their family's strongest for this test to mean anything"
+    expected = _bisect_every_step(s, [c.copy() for c in cands], x, pred)
+    before = s.runner.queries
+    s._calibrate(cands, x, pred)
+    used = s.runner.queries - before
+    assert [c.alpha for c in cands] == expected
+    assert cands[0].alpha < 0.3  # the real pattern works at a small opacity
+    assert used < s.cfg.calib_steps * len(cands) * len(x)

@@ -475,7 +475,9 @@ class Synthesizer:
 
     # ---- validation -----------------------------------------------------------------------------
     def _calibrate(self, cands, x, pred):
-        """Strengths: the smallest that works on the held-out images, by bisection (all candidates in lockstep)."""
+        """Strengths: the smallest that works on the held-out images, by bisection (all candidates in lockstep). A
+        candidate that failed at its family's strongest is not measured there again (the same stamp on the same
+        images: the same answer)."""
         strong = [c for c in cands if FAMILIES[c.family].strength]
         if not strong:
             return
@@ -485,9 +487,13 @@ class Synthesizer:
         top = np.array([f.top(c) for f, c in zip(fams, strong)])
         trial = np.array([c.alpha for c in strong])
         for _ in range(self.cfg.calib_steps):  # bounded work, inside the plan's check share
-            tries = [c.copy(alpha=float(a)) for c, a in zip(strong, trial)]
+            open_ = np.flatnonzero(~(np.isnan(hi) & (lo >= top)))
+            if not len(open_):
+                break
+            tries = [strong[i].copy(alpha=float(trial[i])) for i in open_]
             self._evaluate(tries, x, pred)
-            works = np.array([t.success >= self.cfg.success for t in tries])
+            works = np.zeros(len(strong), bool)
+            works[open_] = [t.success >= self.cfg.success for t in tries]
             hi = np.where(works, trial, hi)
             lo = np.where(works, lo, trial)
             up = np.minimum(trial * 1.6, top)
