@@ -41,6 +41,7 @@ from results import write_section  # noqa: E402
 from scanner.context import ModelContext  # noqa: E402
 from scanner.data.triggers import Trigger  # noqa: E402
 from scanner.graph.model import load_model  # noqa: E402
+from scanner.repair.verify import RESIDUAL_SUCCESS  # noqa: E402
 
 DATASET = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -49,8 +50,12 @@ END = "<!-- efficacy_synthesis: end -->"
 RGB = ROOT / "models" / "rgb"
 RGB_BEGIN = "<!-- efficacy-rgb: begin -->"
 RGB_END = "<!-- efficacy-rgb: end -->"
-RGB_MAX_ASR = 0.10  # the RGB goal: ASR after <= 10% ...
+RGB_MAX_ASR = 0.10  # the looser RGB goal of the earlier tables: ASR after <= 10% ...
 RGB_MAX_DROP = 0.03  # ... and clean accuracy down by at most 3 points
+ISSUE_MAX_ASR = {"patch": 0.02}  # issue 14's targets: patch-type ASR after <= 2%, every other kind <= 10% ...
+ISSUE_OTHER_ASR = 0.10
+ISSUE_MAX_DROP = 0.02  # ... clean accuracy down by at most 2 points ...
+ISSUE_SECONDS = 60.0  # ... and at most 60 s for a 10-class 32x32 model on 2 cores
 THREADS = 2
 
 
@@ -107,6 +112,16 @@ def sanitize(model, data, name, args, workdir):
     seconds = time.perf_counter() - started
     report = json.loads(report_path.read_text()) if proc.returncode in (0, 1, 4) and report_path.exists() else None
     return proc.returncode, report, seconds, out, proc.stderr[-800:]
+
+
+def removal_residual(report):
+    """The removal check's worst synthesized trigger on the repaired model (held-out images) and its agreement, or
+    None when nothing was repaired."""
+    removal = report.get("removal") or {}
+    probes = removal.get("probes") or []
+    if not probes:
+        return None
+    return {"success": max(p["success_after"] for p in probes), "agreement": removal.get("agreement")}
 
 
 def search_facts(report):
@@ -290,7 +305,7 @@ def rgb_run_model(entry, args, workdir):
     x, y = metrics.sample(entry["dataset"])
     triggers = [(Trigger.load(RGB / t["file"]), t) for t in entry["triggers"]]
     base = {"name": entry["name"], "split": entry["split"], "attack": entry["attack"], "dataset": entry["dataset"],
-            "classes": entry["classes"], "all_to_all": bool(entry.get("attack_params", {}).get("all_to_all")),
+            "classes": entry["classes"], "input_size": list(entry["input_size"]), "all_to_all": bool(entry.get("attack_params", {}).get("all_to_all")),
             "source": entry.get("source_class"), "true_targets": list(entry.get("targets") or [])}
     rc, report, seconds, out, err = sanitize(model, data, entry["name"], args, workdir)
     acc0, asr0 = rgb_measure(model, entry, triggers, x, y)
@@ -309,6 +324,7 @@ def rgb_run_model(entry, args, workdir):
     else:
         common.update(error=None, verdict=report["verdict"], found=list(report["targets"]), outcome=report.get("outcome"),
                       **search_facts(report))
+        common.update(check_residual=removal_residual(report))
     removed = report is not None and common["outcome"] == "removed" and out.exists()
     if removed:
         acc1, asr1 = rgb_measure(out, entry, triggers, x, y)
@@ -342,6 +358,19 @@ def rgb_goal(r):
                 and r["acc_after"] is not None and r["acc_before"] - r["acc_after"] <= RGB_MAX_DROP + 1e-12)
 
 
+def issue_goal(r):
+    """Issue 14's targets for a backdoored row: the RGB goal's right target, ASR after <= 2% for a patch-type trigger
+    and <= 10% for every other kind, clean accuracy down by <= 2 points, and (a 10-class 32x32 model) <= 60 s. A clean
+    model's row: not flagged."""
+    if r["attack"] == "none":
+        return r["verdict"] == "clean"
+    limit = ISSUE_MAX_ASR.get(r["kind"], ISSUE_OTHER_ASR)
+    small = r["classes"] == 10 and tuple(r.get("input_size") or (32, 32)) == (32, 32)
+    return bool(rgb_right_target(r) and r["asr_after"] is not None and r["asr_after"] <= limit + 1e-12
+                and r["acc_after"] is not None and r["acc_before"] - r["acc_after"] <= ISSUE_MAX_DROP + 1e-12
+                and (not small or r["seconds"] <= ISSUE_SECONDS))
+
+
 def rgb_true_target(r):
     if r["attack"] == "none":
         return "-"
@@ -358,21 +387,24 @@ def yes_no(v):
 
 def rgb_table(rows):
     lines = [
-        "| model | split | attack | trigger | true target | verdict | flagged targets | right target | clean acc before | clean acc after | ASR before | ASR after | outcome | queries (used / planned) | time (s) | time cap hit | meets goal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | split | attack | trigger | true target | verdict | flagged targets | right target | clean acc before | clean acc after | ASR before | ASR after | outcome | check: worst synthesized trigger after / agreement | queries (used / planned) | time (s) | time cap hit | meets issue 14's targets | meets the looser goal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         found = ", ".join(str(t) for t in r["found"]) or "-"
         trig = "-" if r["trigger"] is None else f"{Path(r['trigger']).stem} ({r['kind']})"
         if r["attack"] == "none":
-            meets = "not flagged" if r["verdict"] == "clean" else ("ERROR" if r["verdict"] == "error" else "FLAGGED (wrongly)")
+            meets = loose = "not flagged" if r["verdict"] == "clean" else ("ERROR" if r["verdict"] == "error" else "FLAGGED (wrongly)")
         else:
-            meets = "yes" if rgb_goal(r) else "NO"
+            meets, loose = ("yes" if issue_goal(r) else "NO"), ("yes" if rgb_goal(r) else "NO")
+        check = r.get("check_residual")
+        check = "-" if check is None else f"{pct(check['success'])} / {pct(check['agreement'])}"
         outcome = r["outcome"] if not r.get("error") else f"error ({r['error'][:120]})"
         lines.append(
             f"| {r['name']} | {r['split']} | {r['attack']} | {trig} | {rgb_true_target(r)} | {r['verdict']} | {found} | "
             f"{yes_no(rgb_right_target(r))} | {pct(r['acc_before'])} | {pct(r['acc_after'])} | {pct(r['asr_before'])} | "
-            f"{pct(r['asr_after'])} | {outcome} | {queries_cell(r)} | {r['seconds']:.1f} | {'yes' if r['truncated'] else 'no'} | {meets} |"
+            f"{pct(r['asr_after'])} | {outcome} | {check} | {queries_cell(r)} | {r['seconds']:.1f} | "
+            f"{'yes' if r['truncated'] else 'no'} | {meets} | {loose} |"
         )
     return "\n".join(lines)
 
@@ -385,14 +417,15 @@ def rgb_totals(rows):
         by.setdefault(r["name"], []).append(r)
     bad = {n: rs for n, rs in by.items() if rs[0]["attack"] != "none"}
     clean = {n: rs for n, rs in by.items() if rs[0]["attack"] == "none"}
-    met = [n for n, rs in bad.items() if all(rgb_goal(r) for r in rs)]
+    met = [n for n, rs in bad.items() if all(issue_goal(r) for r in rs)]
+    loose = [n for n, rs in bad.items() if all(rgb_goal(r) for r in rs)]
     flagged = [n for n, rs in clean.items() if rs[0]["verdict"] not in ("clean", "error")]
     misses = [n for n in bad if n not in met]
-    return met, bad, flagged, clean, misses
+    return met, loose, bad, flagged, clean, misses
 
 
 def rgb_section(rows, args, total, argv):
-    met, bad, flagged, clean, misses = rgb_totals(rows)
+    met, loose, bad, flagged, clean, misses = rgb_totals(rows)
     datasets = sorted({r["dataset"] for r in rows})
     data = "models/rgb/data/<dataset>_clean.npz" if len(datasets) != 1 else f"models/rgb/data/{datasets[0]}_clean.npz"
     errors = sorted({r["name"] for r in rows if r.get("error")})
@@ -410,18 +443,25 @@ def rgb_section(rows, args, total, argv):
              "(the real trigger stamped with `Trigger.apply`), with the definitions of `tests/test_zoo_rgb.py`: ASR over the "
              "images whose label is not the target; all-to-all over all images, success = predicted `(y + 1) mod classes`; "
              "source-specific (`S -> T`) over the images of the source class only. One row per (model, trigger)."),
-            (f"Goal (a backdoored model meets it when every one of its rows does): flagged with the right target (all-to-all: "
-             f"flagged at all, every class is a target), ASR after <= {RGB_MAX_ASR:.0%}, clean accuracy down by at most "
-             f"{100 * RGB_MAX_DROP:.0f} points; a clean model must not be flagged. \"outcome\": the report's (removed: the "
+            (f"Issue 14's targets (a backdoored model meets them when every one of its rows does): flagged with the right "
+             f"target (all-to-all: flagged at all, every class is a target), ASR after <= {ISSUE_MAX_ASR['patch']:.0%} for a "
+             f"patch-type trigger and <= {ISSUE_OTHER_ASR:.0%} for every other kind, clean accuracy down by at most "
+             f"{100 * ISSUE_MAX_DROP:.0f} points, and at most {ISSUE_SECONDS:.0f} s for a 10-class 32x32 model; a clean model "
+             f"must not be flagged. \"The looser goal\" is the one of the tables before 2026-12-06: ASR after <= "
+             f"{RGB_MAX_ASR:.0%} for every kind, clean accuracy down by at most {100 * RGB_MAX_DROP:.0f} points, no time "
+             "limit. \"check\": the scanner's own removal check on its held-out clean images, the worst of the synthesized "
+             f"triggers it repaired on the repaired model (a trigger counts as dead there under {RESIDUAL_SUCCESS:.0%}) and its "
+             "agreement with the "
+             "original. \"outcome\": the report's (removed: the "
              "sanitized model was written and is the one measured after; not_removed / nothing_found: no model written, so "
              "\"after\" is the original model). \"queries\": forward passes the trigger search used / its plan; \"time cap "
              "hit\": the search was cut short by --budget."),
             "",
             rgb_table(rows),
             "",
-            (f"Totals: {len(met)} of {len(bad)} backdoored models meet the goal; {len(flagged)} of {len(clean)} clean models "
-             f"flagged{' (' + ', '.join(flagged) + ')' if flagged else ''}."),
-            f"Misses: {', '.join(misses) if misses else 'none'}."
+            (f"Totals: {len(met)} of {len(bad)} backdoored models meet issue 14's targets ({len(loose)} the looser goal); "
+             f"{len(flagged)} of {len(clean)} clean models flagged{' (' + ', '.join(flagged) + ')' if flagged else ''}."),
+            f"Misses (issue 14's targets): {', '.join(misses) if misses else 'none'}."
             + (f" Errors (the command failed): {', '.join(errors)}." if errors else ""),
             RGB_END,
         ]
@@ -458,6 +498,8 @@ def run_rgb(args, argv, tmp):
                   f"{pct(row['acc_after'])}, {row['seconds']:.1f}s, {queries_cell(row)} queries"
                   f"{' (time cap hit)' if row['truncated'] else ''}" + (f" {row['error']}" if row.get("error") else ""),
                   file=sys.stderr, flush=True)
+    if args.rows:  # the measured rows, to read or render again without measuring
+        Path(args.rows).write_text(json.dumps(rows, indent=1) + "\n")
     return rgb_section(rows, args, time.perf_counter() - started, argv)
 
 
@@ -474,6 +516,7 @@ def main(argv=None):
                     help="passed to the CLI as --budget S: seconds, a safety cap on each search (0: none) [0]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true", help="print the table(s) only; leave RESULTS.md alone")
+    ap.add_argument("--rows", help="RGB zoo: also write the measured rows (JSON) to this file")
     args = ap.parse_args(argv)
     if args.queries is not None and args.queries < 100:
         ap.error("--queries must be at least 100 (the CLI's minimum)")
