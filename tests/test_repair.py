@@ -15,7 +15,7 @@ from scanner.commands.prune import prune_model
 from scanner.commands.sanitize import sanitize_with_probes
 from scanner.context import ModelContext
 from scanner.repair.prune import Repair
-from scanner.repair.verify import verify
+from scanner.repair.verify import RESIDUAL_SUCCESS, verify
 from scanner.data.triggers import Trigger
 
 
@@ -72,7 +72,7 @@ def test_prune_that_leaves_the_backdoor_writes_nothing(badnets_repair, tmp_path)
     assert report["outcome"] == "not_removed" and proto is None and not out.exists() and report["output"] is None
     check = report["removal"]
     assert check["held_out"] and check["images"] == 200 and not check["removed"]
-    assert check["probes"][0]["success_after"] >= 0.25 and "still sends" in check["reasons"][0]
+    assert check["probes"][0]["success_after"] >= RESIDUAL_SUCCESS and "still sends" in check["reasons"][0]
 
 
 def test_prune_output_verified_and_metadata_kept(badnets_repair, tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLEAN, MODELS, TEST, zoo_entry, zoo_path
+from conftest import CLEAN, MODELS, TEST, rgb_entry, zoo_entry, zoo_path
 
 from scanner.context import ModelContext
 from scanner.detect.verdict import anomaly_index
@@ -169,3 +169,28 @@ def test_filter_backdoor_found_by_its_specificity(name, target):
     assert verdict["verdict"] == "backdoored" and verdict["targets"] == [target]
     (cand,) = [c for c in verdict["candidates"] if c["level"] == "backdoored"]
     assert cand["family"] == "filter" and cand["specificity"] >= SPECIFIC and cand["anomaly"] < 4
+
+
+def test_a_repair_that_leaves_a_synthesized_trigger_at_a_tenth_is_not_called_removed(run_cli, tmp_path):
+    """rgb10_preact_badnets_1pct (1% poisoning, patch -> 6): the blind repair leaves its synthesized patch at about 15%
+    of the held-out images. That is not removed (dead under RESIDUAL_SUCCESS = 10%): exit 4, and the model written
+    with --always still carries the real trigger over the 10% a sanitized model may keep, so the refusal is right."""
+    from models import metrics
+    from scanner.data.triggers import Trigger
+    from scanner.repair.verify import RESIDUAL_SUCCESS
+
+    entry = rgb_entry("rgb10_preact_badnets_1pct")
+    rgb = Path(__file__).resolve().parents[1] / "models" / "rgb"
+    out = tmp_path / "s.onnx"
+    rc, stdout, err = run_cli("sanitize", rgb / entry["file"], "--data", rgb / "data" / "rgb10_clean.npz", "--budget", "0",
+                              "--threads", "2", "--always", "-o", out, "--format", "json")
+    assert rc == 4, err
+    report = json.loads(stdout)
+    assert report["targets"] == [6] and report["outcome"] == "not_removed" and report["written_despite_backdoor"]
+    worst = max(p["success_after"] for p in report["removal"]["probes"])
+    assert RESIDUAL_SUCCESS <= worst < 0.25 and any("still sends" in r for r in report["removal"]["reasons"])
+    runner = ModelContext.open(out, device="cpu", threads=2).runner(batch_size=1000)
+    x, y = metrics.sample(entry["dataset"])
+    trig = entry["triggers"][0]
+    asr = metrics.attack_success(lambda px: runner.run(px).preds, entry, Trigger.load(rgb / trig["file"]), trig["target"], x, y)
+    assert asr > RESIDUAL_SUCCESS, asr

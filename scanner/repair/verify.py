@@ -19,9 +19,11 @@ from scanner.graph.model import over_2gb, saved_by_path, tensor_info
 log = logging.getLogger("scanner")
 SAMPLE_IMAGES = 32
 """Clean images (and the same with each trigger probe) the checks run the repaired model on."""
-RESIDUAL_SUCCESS = 0.25
+RESIDUAL_SUCCESS = 0.10
 """A probe is dead on the repaired model when it sends fewer than this fraction of held-out other-class images to
-its target (the search calls a trigger working from 0.9; "removed" asks for far less than that)."""
+its target: the attack success a sanitized model may keep (issue 14's goal for every trigger kind but patches, which
+ask for 2%). At 0.25, rgb10_preact_badnets_1pct was called removed with its synthesized patch at 15.3% and the real
+one at 15.5% (benchmarks/RESULTS.md)."""
 NO_EFFECT = 0.02
 """A trigger that sends at most this fraction of other-class images to its target has no effect left to repair
 (about what a stamp does to a clean model's classes)."""
