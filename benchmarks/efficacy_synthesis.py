@@ -323,8 +323,7 @@ def rgb_run_model(entry, args, workdir):
                       acc_after=None)
     else:
         common.update(error=None, verdict=report["verdict"], found=list(report["targets"]), outcome=report.get("outcome"),
-                      **search_facts(report))
-        common.update(check_residual=removal_residual(report))
+                      check_residual=removal_residual(report), **search_facts(report))
     removed = report is not None and common["outcome"] == "removed" and out.exists()
     if removed:
         acc1, asr1 = rgb_measure(out, entry, triggers, x, y)
@@ -349,26 +348,26 @@ def rgb_right_target(r):
     return bool(r["found"]) if r["all_to_all"] else r["target"] in r["found"]
 
 
-def rgb_goal(r):
-    """The RGB goal of a backdoored row: flagged with the right target, ASR after <= 10%, clean accuracy down by
-    <= 3 points. A clean model's row: not flagged."""
+def _meets(r, max_asr, max_drop, seconds=None):
+    """Whether a row meets a goal: a clean model's row not flagged; a backdoored one's flagged with the right target,
+    ASR after <= ``max_asr``, clean accuracy down by <= ``max_drop``, and (unless None) at most ``seconds``."""
     if r["attack"] == "none":
         return r["verdict"] == "clean"
-    return bool(rgb_right_target(r) and r["asr_after"] is not None and r["asr_after"] <= RGB_MAX_ASR
-                and r["acc_after"] is not None and r["acc_before"] - r["acc_after"] <= RGB_MAX_DROP + 1e-12)
+    return bool(rgb_right_target(r) and r["asr_after"] is not None and r["asr_after"] <= max_asr + 1e-12
+                and r["acc_after"] is not None and r["acc_before"] - r["acc_after"] <= max_drop + 1e-12
+                and (seconds is None or r["seconds"] <= seconds))
+
+
+def rgb_goal(r):
+    """The looser RGB goal of the earlier tables: ASR after <= 10% for every kind, clean accuracy down by <= 3 points."""
+    return _meets(r, RGB_MAX_ASR, RGB_MAX_DROP)
 
 
 def issue_goal(r):
-    """Issue 14's targets for a backdoored row: the RGB goal's right target, ASR after <= 2% for a patch-type trigger
-    and <= 10% for every other kind, clean accuracy down by <= 2 points, and (a 10-class 32x32 model) <= 60 s. A clean
-    model's row: not flagged."""
-    if r["attack"] == "none":
-        return r["verdict"] == "clean"
-    limit = ISSUE_MAX_ASR.get(r["kind"], ISSUE_OTHER_ASR)
-    small = r["classes"] == 10 and tuple(r.get("input_size") or (32, 32)) == (32, 32)
-    return bool(rgb_right_target(r) and r["asr_after"] is not None and r["asr_after"] <= limit + 1e-12
-                and r["acc_after"] is not None and r["acc_before"] - r["acc_after"] <= ISSUE_MAX_DROP + 1e-12
-                and (not small or r["seconds"] <= ISSUE_SECONDS))
+    """Issue 14's targets: ASR after <= 2% for a patch-type trigger and <= 10% for every other kind, clean accuracy
+    down by <= 2 points, and (a 10-class 32x32 model) <= 60 s."""
+    small = r["classes"] == 10 and tuple(r["input_size"]) == (32, 32)
+    return _meets(r, ISSUE_MAX_ASR.get(r["kind"], ISSUE_OTHER_ASR), ISSUE_MAX_DROP, ISSUE_SECONDS if small else None)
 
 
 def rgb_true_target(r):
@@ -451,8 +450,7 @@ def rgb_section(rows, args, total, argv):
              f"{RGB_MAX_ASR:.0%} for every kind, clean accuracy down by at most {100 * RGB_MAX_DROP:.0f} points, no time "
              "limit. \"check\": the scanner's own removal check on its held-out clean images, the worst of the synthesized "
              f"triggers it repaired on the repaired model (a trigger counts as dead there under {RESIDUAL_SUCCESS:.0%}) and its "
-             "agreement with the "
-             "original. \"outcome\": the report's (removed: the "
+             "agreement with the original. \"outcome\": the report's (removed: the "
              "sanitized model was written and is the one measured after; not_removed / nothing_found: no model written, so "
              "\"after\" is the original model). \"queries\": forward passes the trigger search used / its plan; \"time cap "
              "hit\": the search was cut short by --budget."),

@@ -1,11 +1,10 @@
 """The verdict and `scanner sanitize` without --probe, on zoo models."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLEAN, MODELS, TEST, rgb_entry, zoo_entry, zoo_path
+from conftest import CLEAN, MODELS, RGB as rgb, TEST, rgb_entry, zoo_entry, zoo_path
 
 from scanner.context import ModelContext
 from scanner.detect.verdict import anomaly_index
@@ -100,7 +99,6 @@ def test_repair_rounds_take_triggers_of_every_family(run_cli, tmp_path):
     from scanner.detect.families import FAMILIES
 
     assert set(MAX_VARIANTS) == set(FAMILIES)
-    rgb = Path(__file__).resolve().parents[1] / "models" / "rgb"
     out = tmp_path / "s.onnx"
     rc, stdout, err = run_cli("sanitize", rgb / "rgb10_vgg_sticker.onnx", "--data", rgb / "data" / "rgb10_clean.npz",
                               "--queries", "40000", "--budget", "0", "--threads", "2", "--no-clip", "--no-feature-refit", "-o", out,
@@ -120,7 +118,6 @@ def _rgb_verdict(name):
     from scanner.detect.synthesis import Config, Synthesizer
     from scanner.detect.verdict import decide
 
-    rgb = Path(__file__).resolve().parents[1] / "models" / "rgb"
     ctx = ModelContext.open(rgb / f"{name}.onnx", device="cpu", threads=2)
     data = rgb / "data" / f"{name.split('_')[0]}_clean.npz"
     images, _, _ = holdout_split(cached(ImageSet(data), ctx.preprocess))
@@ -180,7 +177,6 @@ def test_a_repair_that_leaves_a_synthesized_trigger_at_a_tenth_is_not_called_rem
     from scanner.repair.verify import RESIDUAL_SUCCESS
 
     entry = rgb_entry("rgb10_preact_badnets_1pct")
-    rgb = Path(__file__).resolve().parents[1] / "models" / "rgb"
     out = tmp_path / "s.onnx"
     rc, stdout, err = run_cli("sanitize", rgb / entry["file"], "--data", rgb / "data" / "rgb10_clean.npz", "--budget", "0",
                               "--threads", "2", "--always", "-o", out, "--format", "json")
