@@ -402,13 +402,41 @@ def test_feature_sites_share_a_pass_over_the_images_with_the_same_grams():
     assert [len(g) for g in one] == [1] * len(wheres)  # a budget under any two sites' grams: a pass each
     pixels = rep.clean_set.load_all(rep.pre).pixels
     fold = np.arange(len(pixels)) % 3
-    shared = _grams(rep, wheres[1:3], pixels, [0], fold, 3)
+    shared, _ = _grams(rep, wheres[1:3], pixels, [0], fold, 3)
     for where, together in zip(wheres[1:3], shared):
         assert together[0][0].shape == (where.inputs + 1,) * 2  # the size _passes plans with
-        (alone,) = _grams(rep, [where], pixels, [0], fold, 3)
+        (alone,), _ = _grams(rep, [where], pixels, [0], fold, 3)
         for f in range(3):
             for a, b in zip(alone[f], together[f]):
                 np.testing.assert_array_equal(a, b)
+
+
+def test_feature_refit_cross_validates_through_tails_with_the_whole_models_answers(monkeypatch):
+    """The cross-validation runs only the network after each site, fed the tensors the gram pass kept: the same
+    levels at every site and weight and the same repaired model as running the whole model (TAIL_BYTES 0), on a
+    pre-activation ResNet whose sites read a block's skip."""
+    from conftest import RGB, rgb_entry
+    from scanner.data.probes import Probe
+    from scanner.repair import feature
+
+    entry = rgb_entry("rgb10_preact_wanet")
+    t = entry["triggers"][0]
+    patch = Trigger.load(RGB / rgb_entry("rgb10_preact_badnets")["triggers"][0]["file"])
+    ctx = ModelContext.open(RGB / entry["file"], threads=2)
+    rep = Repair(ctx, RGB / "data" / "rgb10_clean.npz", [Probe(trigger=Trigger.load(RGB / t["file"])), Probe(trigger=patch)],
+                 limit=150, targets=[t["target"], 0])
+    calls = []
+    preds = feature.Tail.preds
+    monkeypatch.setattr(feature.Tail, "preds", lambda self, *a: calls.append(self.cut) or preds(self, *a))
+    weights = (0.1, 1.0)
+    proto, level, fit = feature.feature_refit(rep, weights=weights, sites=3)
+    assert len({tuple(c) for c in calls}) == 3  # every site had its tail, each checked, then used
+    monkeypatch.setattr(feature, "TAIL_BYTES", 0)
+    calls.clear()
+    proto0, level0, fit0 = feature.feature_refit(rep, weights=weights, sites=3)
+    assert not calls
+    assert fit["tried"] == fit0["tried"] and level.to_dict() == level0.to_dict()
+    assert proto.SerializeToString() == proto0.SerializeToString()
 
 
 def test_feature_refit_stops_a_signal_the_head_refit_cannot():

@@ -1,4 +1,4 @@
-"""Pruning makes channels read exactly 0; shared and Constant weights; metadata; linear layer rewrite."""
+"""Pruning makes channels read exactly 0; shared and Constant weights; metadata; linear layer rewrite; tails."""
 
 import json
 from pathlib import Path
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from scanner.errors import ScannerError
 from scanner.graph.instrument import instrument
 from scanner.graph.layers import discover, find_weight
-from scanner.graph.surgery import linear_weights, prune, record, set_linear
+from scanner.graph.surgery import linear_weights, prune, record, set_linear, tail
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 run = graphs.run
@@ -355,3 +355,78 @@ def test_clip_bounds_every_read(name):
     pruned = prune(model, {l.id: list(range(l.channels)) for l in layers}, layers)
     np.testing.assert_allclose(run(clip(model, layers, zero), x)[scores], run(pruned, x)[scores], rtol=1e-5, atol=1e-6)
     assert model.SerializeToString() == before  # the input model is never changed
+
+
+def _with_outputs(model, names):
+    """A copy of ``model`` that also outputs the tensors ``names``."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    return m
+
+
+def _tail_matches(model, layer, x, scores="logits"):
+    """The tail of ``model`` from ``layer`` on, fed the tensors the whole model computes before it, gives the
+    whole model's scores on ``x``; returns the tail's inputs."""
+    t, cut = tail(model, layer.node, scores)
+    onnx.checker.check_model(t)
+    assert [i.name for i in t.graph.input] == cut and model.graph.input[0].name not in cut
+    whole = run(_with_outputs(model, cut), x)
+    sess = graphs.session(t)
+    got = sess.run([scores], {c: whole[c] for c in cut})[0]
+    np.testing.assert_allclose(got, whole[scores], rtol=1e-5, atol=1e-6)
+    return cut
+
+
+def test_tail_takes_the_skip_of_a_residual_join_and_computes_shapes_itself():
+    """The network after a block's second conv reads that conv's input and the block's skip; a Reshape whose shape
+    comes from a Shape of an earlier tensor gets that Shape in the tail (its dims are no image tensor); unnamed nodes
+    keep the names the layers know them by; the first layer has no tail (it would need the graph input)."""
+    model = graphs.residual()
+    layers = {l.id.split(":")[0]: l for l in discover(model)}
+    x = graphs.inputs(model, n=3)
+    cut = _tail_matches(model, layers["/block/conv2/Conv"], x)
+    assert len(cut) == 2  # conv2's input and the skip from the stem
+    with pytest.raises(ScannerError, match="graph input"):
+        tail(model, layers["/stem/Conv"].node, "logits")
+
+    net = graphs.Net([3, 6, 6], 17, 5, "N", "reshaped")
+    stem = net.relu(net.conv("x", 3, 4, name="/stem/Conv"))
+    dims = net.node("Shape", [stem])
+    index, rest = "tail_index", "tail_rest"
+    net.inits += [onnx.numpy_helper.from_array(np.array([0], np.int64), index),
+                  onnx.numpy_helper.from_array(np.array([-1], np.int64), rest)]
+    shape = net.node("Concat", [net.node("Gather", [dims, index], axis=0), rest], axis=0)
+    y = net.relu(net.conv(stem, 4, 5, name="/conv2/Conv"))
+    model = net.build(net.head(net.node("Reshape", [y, shape]), 5 * 6 * 6, 3))
+    for n in model.graph.node:
+        n.name = ""
+    layer = [l for l in discover(model) if l.op_type == "Conv"][-1]
+    t, _ = tail(model, layer.node, "logits")
+    assert {"Shape", "Gather", "Concat"} <= {n.op_type for n in t.graph.node}
+    assert layer.node in {n.name for n in t.graph.node}
+    assert _tail_matches(model, layer, x[:, :, :6, :6]) == [stem]
+    edited = set_linear(t, layer, *linear_weights(model, layer))  # the layer's weights are editable in the tail
+    assert op_types(edited) == op_types(t)
+
+
+@pytest.mark.skipif(not ZOO, reason="no zoo models in models/")
+@pytest.mark.parametrize("name", ["cnn_badnets_legacy", "rgb/rgb10_preact_wanet", "rgb/rgb10_mobilenetv2_blend",
+                                  "rgb/rgb10_vit_badnets"])
+def test_zoo_tails_give_the_whole_models_scores(name):
+    """On exported zoo models (a legacy CNN, a pre-activation ResNet with shortcut convs, MobileNetV2's inverted
+    residuals, a ViT's token stream), the tail from each of the feature refit's sites on gives the scores of the whole
+    model from the tensors the whole model computed before it."""
+    from scanner.context import ModelContext
+    from scanner.repair.feature import site_layers
+
+    ctx = ModelContext.open(MODELS / f"{name}.onnx", device="cpu", threads=2)
+    x = graphs.inputs(ctx.proto, n=2, spatial=32)
+    tails = 0
+    for layer in site_layers(ctx):
+        try:
+            _tail_matches(ctx.proto, layer, x, ctx.scores)
+            tails += 1
+        except ScannerError as exc:
+            assert "graph input" in str(exc), exc
+    assert tails >= 2

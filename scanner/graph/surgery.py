@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from scanner.errors import ScannerError
 from scanner.graph.instrument import Names
-from scanner.graph.layers import LINEAR_OPS, GraphIndex, copy_model
+from scanner.graph.layers import LINEAR_OPS, GraphIndex, _copy_fields, _subgraphs, copy_model
 
 
 class _Editor:
@@ -394,3 +394,58 @@ def clip(model, layers, bounds):
     del g.node[:]
     g.node.extend(copies)
     return m
+
+
+def tail(model, node, output):
+    """(a model computing ``output`` from the image-dependent float tensors alive just before ``node`` (a name), those
+    tensors' names in the order of its inputs): the rest of the network from a layer on, fed what the layers before
+    it computed. A tensor made from constants only, or a non-float one (a Shape's dims), is computed in the tail
+    from what it depends on. Unnamed nodes are named as :func:`scanner.graph.layers.node_name` calls them, so the
+    layers of ``model`` match the tail's. Raises ScannerError where no such cut exists: a tail that would need the
+    graph's own input, a graph with subgraphs (If / Loop), an input tensor of unknown or fixed batch size."""
+    gi = GraphIndex(model)
+    if node not in gi.by_name:
+        raise ScannerError(f"node {node!r} not found; no tail")
+    if any(True for n in gi.nodes for _ in _subgraphs(n)):
+        raise ScannerError("a graph with subgraphs (If / Loop / Scan) has no tail")
+    start = gi.by_name[node]
+    data = gi.inputs - set(gi.initializers)  # what depends on the image
+    for n in gi.nodes:
+        if any(i in data for i in n.input):
+            data.update(o for o in n.output if o)
+    keep, cut, seen, stack = set(), [], set(), [output]
+    while stack:
+        t = stack.pop()
+        if not t or t in seen or t in gi.initializers:
+            continue
+        seen.add(t)
+        i = gi.producer.get(t)
+        if i is None:
+            raise ScannerError(f"the tail from {node!r} needs the graph input {t!r}")
+        vi = gi.value_info.get(t)
+        floating = vi is not None and vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        if i < start and t in data and floating:
+            dims = vi.type.tensor_type.shape.dim
+            if not dims or dims[0].HasField("dim_value"):
+                raise ScannerError(f"the tail from {node!r}: tensor {t!r} has no dynamic batch dimension")
+            cut.append(t)
+            continue
+        keep.add(i)
+        stack.extend(gi.nodes[i].input)
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip="graph")
+    g = out.graph
+    g.name = model.graph.name
+    for i in sorted(keep):
+        g.node.add().CopyFrom(gi.nodes[i])
+        g.node[-1].name = gi.names[i]
+    used = {name for i in keep for name in gi.nodes[i].input}
+    g.initializer.extend(t for t in model.graph.initializer if t.name in used)
+    cut.sort(key=lambda t: gi.producer[t])
+    g.input.extend(gi.value_info[t] for t in cut)
+    if model.ir_version < 4:  # an initializer is a graph input there too
+        g.input.extend(vi for vi in model.graph.input if vi.name in used and vi.name in gi.initializers)
+    g.output.extend(o for o in model.graph.output if o.name == output)
+    if not len(g.output):
+        raise ScannerError(f"{output!r} is not an output of the model; no tail")
+    return out, cut

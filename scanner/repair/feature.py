@@ -15,7 +15,9 @@ stream before its last block, not after it; a ResNet's at its last conv: benchma
 the last are read in one shared pass over the images, as far as their grams fit GRAM_BYTES.
 
 The probe rows' weight is chosen by k-fold cross-validation over images, each fold predicted by a model fitted
-without it (a repaired copy run through onnxruntime): the lowest probe success among the weights that keep
+without it (a repaired copy run through onnxruntime; where the tensors the layer's part of the network starts from
+fit TAIL_BYTES, the gram pass keeps them and only that part runs, :func:`scanner.graph.surgery.tail`, once checked
+to give the whole model's predictions): the lowest probe success among the weights that keep
 TARGET_AGREEMENT with the original on clean images, else the highest agreement (the head refit's rule). The
 weights are tried lightest first, and the walk stops at the first that misses TARGET_AGREEMENT (heavier probe rows
 change more of the clean images).
@@ -29,6 +31,7 @@ from scanner.errors import ScannerError
 from scanner.graph import surgery
 from scanner.graph.layers import GraphIndex, bn_scale
 from scanner.repair.refit import TARGET_AGREEMENT, cost
+from scanner.runtime.session import Session
 
 log = logging.getLogger("scanner")
 
@@ -43,6 +46,9 @@ SITES = 6
 """Feature layers, from the last before the head back, where the correction is fitted and cross-validated."""
 GRAM_BYTES = 512 << 20
 """Bytes of float64 grams (all folds) that the sites sharing one pass over the images may fill (see :func:`_passes`)."""
+TAIL_BYTES = 256 << 20
+"""Bytes of float32 tensors (clean and probe images, the sites of one pass) the gram pass may keep so that the
+cross-validation runs only the network after each site (see :class:`Tail`)."""
 AFFINE = ("Add", "Sub", "Mul", "Div", "BatchNormalization")
 """Ops between the layer and its site: a per-channel scale and shift (or a residual join, which adds)."""
 
@@ -192,12 +198,17 @@ def feature_refit(rep, folds=3, weights=PROBE_WEIGHTS, sites=SITES, only=None):
             skipped.append({"layer": layer.id, "reason": why})
         else:
             wheres.append(where)
-    passes, grams = _passes(wheres, k), {}
+    passes, grams, tails = _passes(wheres, k), {}, {}
     for where in wheres:
         if where.layer.id not in grams:  # one pass over the images for this site and the next ones of its group
             group = next(g for g in passes if where in g)
-            grams.update(zip((w.layer.id for w in group), _grams(rep, group, pixels, pairs, fold, k)))
-        found = _fit_site(rep, where, grams.pop(where.layer.id), pixels, pairs, fold, k, weights, tried)
+            made, kept = _grams(rep, group, pixels, pairs, fold, k, _cuts(rep, group))
+            grams.update(zip((w.layer.id for w in group), made))
+            tails.update(kept)
+        tail = tails.pop(where.layer.id, None)
+        if tail is not None and not tail.agrees(rep, pairs):
+            tail = None
+        found = _fit_site(rep, where, grams.pop(where.layer.id), pixels, pairs, fold, k, weights, tried, tail)
         if best is None or found[0] < best[0]:
             best = found + (where,)
         kept = best[2]
@@ -214,9 +225,10 @@ def feature_refit(rep, folds=3, weights=PROBE_WEIGHTS, sites=SITES, only=None):
                           "sites_skipped": skipped}
 
 
-def _fit_site(rep, where, grams, pixels, pairs, fold, k, weights, tried):
+def _fit_site(rep, where, grams, pixels, pairs, fold, k, weights, tried, tail=None):
     """(cost, weight, level, summed grams, intercept) of the best probe weight at site ``where`` (its per-fold
-    ``grams``), cross-validated over the ``k`` folds; each weight's result is appended to ``tried``."""
+    ``grams``), cross-validated over the ``k`` folds (through ``tail``, a :class:`Tail` of the site, when given);
+    each weight's result is appended to ``tried``."""
     intercept = where.intercept
     total = [sum(g[j] for g in grams) for j in range(4)]
     best = None
@@ -226,13 +238,22 @@ def _fit_site(rep, where, grams, pixels, pairs, fold, k, weights, tried):
         for f in range(k):
             theta = _solve([t - g for t, g in zip(total, grams[f])], weight, intercept)
             held = fold == f
-            runner = rep.ctx.derived(fold_into(rep.ctx.proto, where, theta)).runner(batch_size=rep.batch_size)
-            clean_preds[held] = runner.run(pixels[held], norms=False, features=False).preds
-            for i in pairs:
-                stamped = rep.probes[i].trigger.apply(pixels[held], color=rep.pre.color)
-                probe_preds[i][held] = runner.run(stamped, norms=False, features=False).preds
+            if tail is not None:
+                session = tail.session(fold_into(tail.proto, where, theta))
+                clean_preds[held] = tail.preds(session, None, held)
+                for i in pairs:
+                    probe_preds[i][held] = tail.preds(session, i, held)
+                runner = None
+            else:
+                runner = rep.ctx.derived(fold_into(rep.ctx.proto, where, theta)).runner(batch_size=rep.batch_size)
+                clean_preds[held] = runner.run(pixels[held], norms=False, features=False).preds
+                for i in pairs:
+                    stamped = rep.probes[i].trigger.apply(pixels[held], color=rep.pre.color)
+                    probe_preds[i][held] = runner.run(stamped, norms=False, features=False).preds
             for i, p in enumerate(rep.probes):  # probe folders take no part in the fit: any fold's model judges them
                 if i not in pairs and f == 0 and p.images is not None:
+                    runner = runner or rep.ctx.derived(fold_into(rep.ctx.proto, where, theta)).runner(
+                        batch_size=rep.batch_size)
                     probe_preds[i] = runner.predict(p.images, label="feature refit")[0]
         level = rep.level(0, clean_preds, probe_preds)
         log.info("feature refit at %s, probe weight %g: agreement %.2f%%, probe success %s (cross-validated)",
@@ -267,19 +288,77 @@ def _passes(wheres, k, budget=GRAM_BYTES):
     return out + ([group] if group else [])
 
 
-def _grams(rep, wheres, pixels, pairs, fold, k):
-    """Per site of ``wheres`` (one pass over the images for all of them), per fold of images: [clean gram, probe
-    gram, probe right-hand side, clean rows] of the least squares (each batch's products in float32, summed in
-    float64)."""
-    names = tuple(dict.fromkeys(t for w in wheres for t in (w.input, w.read)))
+def _cuts(rep, wheres):
+    """{layer id: (tail proto, its input tensors)} of the sites of ``wheres`` that have a tail
+    (:func:`scanner.graph.surgery.tail`); the others run the whole model in the cross-validation."""
+    out = {}
+    for w in wheres:
+        try:
+            out[w.layer.id] = surgery.tail(rep.ctx.proto, w.layer.node, rep.ctx.scores)
+        except ScannerError as exc:
+            log.debug("feature refit at %s: the cross-validation runs the whole model (%s)", w.layer.id, exc)
+    return out
+
+
+class Tail:
+    """The network from a site's layer on (``proto``), and its input tensors on the clean images (``clean``) and on
+    each paired probe's (``probes[i]``), kept by the gram pass: a cross-validation fold runs only this part. A probe's
+    trigger is then stamped as the gram pass stamped it (a sticker at random positions: by each image's index in the
+    clean set, as the Repair measured it), where the whole model's folds stamp each fold's images afresh."""
+
+    def __init__(self, rep, proto, cut, clean, probes):
+        self.ctx, self.batch_size, self.proto, self.cut = rep.ctx, rep.batch_size, proto, cut
+        self.clean, self.probes = clean, probes
+
+    def session(self, proto):
+        return Session(proto, device=self.ctx.device, threads=self.ctx.threads)
+
+    def preds(self, session, probe, held):
+        """Predicted classes on the images ``held`` (a mask) of the clean set (``probe`` None) or of probe ``probe``."""
+        tensors = self.clean if probe is None else self.probes[probe]
+        index = np.flatnonzero(held)
+        out = []
+        for s in range(0, len(index), self.batch_size):
+            part = index[s : s + self.batch_size]
+            feeds = {t: a[part] for t, a in zip(self.cut[1:], tensors[1:])}
+            out.append(session.run(tensors[0][part], [self.ctx.scores], feeds)[self.ctx.scores].reshape(len(part), -1))
+        return np.concatenate(out).argmax(1)
+
+    def agrees(self, rep, pairs):
+        """Whether the tail, unchanged, gives the whole model's predictions on every clean and probe image (else the
+        cross-validation runs the whole model: a tail is a shortcut, never a different answer)."""
+        session = self.session(self.proto)
+        everything = np.ones(len(self.clean[0]), bool)
+        same = np.array_equal(self.preds(session, None, everything), rep.clean.preds) and all(
+            np.array_equal(self.preds(session, i, everything), rep.probed[i].preds) for i in pairs)
+        if not same:
+            log.info("feature refit: the network after %s does not reproduce the model's predictions on the tensors "
+                        "it starts from; its cross-validation runs the whole model", self.cut)
+        return same
+
+
+def _grams(rep, wheres, pixels, pairs, fold, k, cuts=None):
+    """(per site of ``wheres``, per fold of images: [clean gram, probe gram, probe right-hand side, clean rows] of the
+    least squares (each batch's products in float32, summed in float64), {layer id: :class:`Tail`}): one pass over the
+    images for all of them. The tails are of the sites in ``cuts`` (:func:`_cuts`) whose input tensors, with those of
+    the sites before them in ``wheres``, fit TAIL_BYTES."""
+    cuts = cuts or {}
+    tapped = tuple(dict.fromkeys(t for w in wheres for t in cuts.get(w.layer.id, ((), ()))[1]))
+    names = tuple(dict.fromkeys([t for w in wheres for t in (w.input, w.read)] + list(tapped)))
     runner = rep.ctx.runner(features=names, batch_size=rep.batch_size)
     ones = [1.0 if w.intercept else 0.0 for w in wheres]
     grams = [None] * len(wheres)
+    kept, store = {}, {}  # layer id -> (proto, cut); tensor -> [clean, probe, ...] arrays over all images
     for s in range(0, len(pixels), rep.batch_size):
         chunk = pixels[s : s + rep.batch_size]
         clean = runner.run(chunk, norms=False, flatten=False).features
         probed = [runner.run(rep.probes[i].trigger.apply(chunk, color=rep.pre.color, start=s), norms=False,
                              flatten=False).features for i in pairs]
+        if s == 0:
+            kept, store = _keep_cuts(wheres, cuts, clean, len(pixels), 1 + len(pairs), TAIL_BYTES)
+        for t, arrays in store.items():
+            for a, features in zip(arrays, [clean] + probed):
+                a[s : s + len(chunk)] = features[t]
         for j, where in enumerate(wheres):
             zc = _with_ones(rows(where, clean[where.input]), ones[j])
             ac = outputs(where, clean[where.read])
@@ -298,7 +377,31 @@ def _grams(rep, wheres, pixels, pairs, fold, k):
                     m = which == f
                     g[1] += zt[m].T @ zt[m]
                     g[2] += zt[m].T @ delta[m]
-    return grams
+    tails = {}
+    for lid, (proto, cut) in kept.items():
+        arrays = [store[t] for t in cut]
+        tails[lid] = Tail(rep, proto, cut, [a[0] for a in arrays], {i: [a[1 + j] for a in arrays] for j, i in enumerate(pairs)})
+    return grams, tails
+
+
+def _keep_cuts(wheres, cuts, first, images, copies, budget):
+    """({layer id: (proto, cut)} of the sites whose tails are kept, {tensor: ``copies`` arrays of ``images`` each}):
+    the sites of ``wheres`` in order while every kept tensor fits ``budget`` bytes (sizes from the ``first`` batch's
+    features)."""
+    kept, store, used = {}, {}, 0
+    for w in wheres:
+        if w.layer.id not in cuts:
+            continue
+        proto, cut = cuts[w.layer.id]
+        new = [t for t in cut if t not in store]
+        b = sum(copies * images * first[t][0].nbytes for t in new)
+        if used + b > budget or any(first[t].dtype != np.float32 for t in cut):
+            continue
+        used += b
+        for t in new:
+            store[t] = [np.empty((images,) + first[t].shape[1:], np.float32) for _ in range(copies)]
+        kept[w.layer.id] = (proto, cut)
+    return kept, store
 
 
 def _with_ones(z, ones=1.0):
