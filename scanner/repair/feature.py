@@ -333,7 +333,7 @@ class Tail:
             np.array_equal(self.preds(session, i, everything), rep.probed[i].preds) for i in pairs)
         if not same:
             log.info("feature refit: the network after %s does not reproduce the model's predictions on the tensors "
-                        "it starts from; its cross-validation runs the whole model", self.cut)
+                     "it starts from; its cross-validation runs the whole model", self.cut)
         return same
 
 
